@@ -1,0 +1,49 @@
+"""The per-block pruning plan: from the first layer's Q, K and row log-sum-exp to (keep, src).
+
+This chains the ops of this package in the order AT-EDM applies them inside one attention block:
+
+    Abar      = head_mean_attention_map(q, k, lse)          only when G-WPR or recovery reads it
+    scores    = gwpr_scores(q, k, lse, K, head_reduction)   (B, N) fp32
+    scores    = share_cfg_scores(scores, cfg_mask_mode)
+    keep      = topk_keep_indices(scores, k)                (B, k) int64 ascending
+    src       = recovery_source(keep, N, similarity, Abar)  (B, N) int64 slots into the kept list
+
+The hidden-state work (gather of the kept rows, scatter-recovery of the full stream) happens later in the
+block, where those tensors exist; it only needs ``keep`` and ``src``. Abar is dropped on return, so no
+N x N tensor outlives the pruning layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention_map import head_mean_attention_map
+from .gwpr import gwpr_scores
+from .recovery import recovery_source
+from .topk_gather import share_cfg_scores, topk_keep_indices
+
+MAP_SIMILARITY_RULES = ("attention", "attention_transposed", "symmetric")
+
+
+def plan_token_pruning(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    num_keep: int,
+    *,
+    iterations: int = 3,
+    head_reduction: str = "mean",
+    cfg_mask_mode: str = "per_sample",
+    similarity: str = "attention",
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(keep_idx (B, k), src (B, N))`` for one block; q, k (B, H, N, d), lse (B, H, N)."""
+    num_tokens = q.shape[2]
+    needs_map = head_reduction == "mean" or similarity in MAP_SIMILARITY_RULES
+    attention_map = head_mean_attention_map(q, k, lse, scale, backend=backend) if needs_map else None
+    scores = gwpr_scores(q, k, lse, iterations, head_reduction, scale, attention_map, backend=backend)
+    scores = share_cfg_scores(scores, cfg_mask_mode)
+    keep_idx = topk_keep_indices(scores, num_keep, backend=backend)
+    src = recovery_source(keep_idx, num_tokens, similarity, attention_map=attention_map, keys=k, backend=backend)
+    return keep_idx, src

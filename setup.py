@@ -1,0 +1,28 @@
+"""atedm: AT-EDM token pruning for Stable Diffusion XL, with fused Triton kernels."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="atedm",
+    version="0.1.0",
+    description="Training-free token pruning (AT-EDM) for SDXL in diffusers, with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["atedm", "atedm.*", "atedm_kernels", "atedm_kernels.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.2; platform_system == 'Linux'",
+        # The supported range is enforced at apply() time too (atedm/compat.py) with a clear message.
+        "diffusers>=0.30,<0.43",
+        "numpy",
+        "safetensors",
+        "packaging",
+    ],
+    extras_require={
+        # transformers builds the text encoders of the tiny SDXL pipeline the tests save and load.
+        "pipeline": ["transformers>=4.40", "accelerate"],
+        "dev": ["pytest>=8", "hypothesis", "transformers>=4.40"],
+    },
+    entry_points={"console_scripts": ["atedm=atedm.cli:main"]},
+)
