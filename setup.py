@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["atedm", "atedm.*", "atedm_kernels", "atedm_kernels.*"]),
+    package_data={"atedm": ["data/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux'",

@@ -1,0 +1,221 @@
+"""The atedm command line: benchmark full vs AT-EDM SDXL steps, count FLOPs, or generate an image.
+
+    python -m atedm bench      # default: SDXL-base architecture, seeded random weights, on the CPU
+    python -m atedm flops      # counted TFLOPs/step of every preset at 1024 px (meta device, instant)
+    python -m atedm generate --model PATH_OR_HUB_ID --preset c --prompt "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from importlib import resources
+
+import torch
+
+from .flops import example_inputs, flops_per_step
+from .patch import apply, remove, set_phase
+from .presets import PRESET_BUDGETS_TFLOPS, PRESETS, get_preset
+
+
+def default_unet_config() -> dict:
+    """The real SDXL-base UNet config, shipped with the package (no download)."""
+    return json.loads(resources.files("atedm").joinpath("data/sdxl_base_unet_config.json").read_text())
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matmul (AVX512-BF16 or AMX), where bf16 beats fp32 ~3x."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_random_unet(unet_config: dict, dtype: torch.dtype, device: str, seed: int = 0):
+    """The UNet architecture with seeded random weights (diffusers' default init) in ``dtype``."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build straight in bf16: half the peak memory of an fp32 build
+    try:
+        unet = UNet2DConditionModel.from_config(unet_config)
+    finally:
+        torch.set_default_dtype(previous)
+    return unet.to(device=device, dtype=dtype).eval()
+
+
+def _parse_configs(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        get_preset(name)
+    return names
+
+
+def run_bench(args) -> list[dict]:
+    """Full and AT-EDM steps, interleaved in one run; prints and returns the table rows."""
+    unet_config = json.load(open(args.unet_config)) if args.unet_config else default_unet_config()
+    device = args.device
+    if args.dtype == "auto":
+        dtype = torch.float16 if device.startswith("cuda") else (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
+    else:
+        dtype = getattr(torch, args.dtype)
+    presets = _parse_configs(args.presets)
+    steps = args.steps
+
+    counted = {"full": flops_per_step(unet_config, None, args.height, args.width, steps)}
+    for name in presets:
+        counted[name] = flops_per_step(unet_config, get_preset(name), args.height, args.width, steps)
+
+    print(f"building the SDXL UNet architecture with random weights ({dtype}, {device}) ...", file=sys.stderr)
+    unet = build_random_unet(unet_config, dtype, device, seed=args.seed)
+    torch.manual_seed(args.seed)
+    inputs = example_inputs(unet_config, args.batch, args.height, args.width, device=device, dtype=dtype)
+
+    def step(name: str, phase: str | None) -> float:
+        if name == "full":
+            remove(unet)
+        else:
+            apply(unet, get_preset(name), backend=args.backend)
+            set_phase(unet, phase)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            unet(**inputs)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    # One warm-up pass of each, then rounds that interleave every config so drift hits all alike.
+    runs: list[tuple[str, str | None]] = [("full", None)]
+    for name in presets:
+        runs += [(name, "late")] + ([(name, "early")] if counted[name].early_steps else [])
+    times: dict[tuple[str, str | None], list[float]] = {run: [] for run in runs}
+    for round_index in range(args.repeats + 1):
+        for run in runs:
+            elapsed = step(*run)
+            if round_index:
+                times[run].append(elapsed)
+            print(f"  round {round_index} {run[0]:>6} {run[1] or '':>5}: {elapsed:8.1f} ms", file=sys.stderr)
+    remove(unet)
+
+    def step_ms(name: str) -> float:
+        """Median ms of a step averaged over the schedule the same way the FLOPs are."""
+        if name == "full":
+            return statistics.median(times[("full", None)])
+        report = counted[name]
+        late = statistics.median(times[(name, "late")])
+        early = statistics.median(times[(name, "early")]) if report.early_steps else late
+        return (report.early_steps * early + (steps - report.early_steps) * late) / steps
+
+    full_ms = step_ms("full")
+    rows = []
+    for name in ["full"] + presets:
+        report = counted[name]
+        ms = step_ms(name)
+        speedup = full_ms / ms
+        rows.append(
+            {
+                "config": name,
+                "tflops_per_step": report.unet_tflops,
+                "overhead_tflops": report.overhead_tflops,
+                "ms_per_step": ms,
+                "speedup": speedup,
+                "eta": speedup / report.ideal_speedup,
+            }
+        )
+    print(
+        f"\nSDXL-base UNet, random weights, {args.height}x{args.width}, batch {args.batch} (CFG), {dtype}, "
+        f"{device}, backend={args.backend}, {args.repeats} interleaved rounds, DSAP over {steps} steps"
+    )
+    print("TFLOPs/step: UNet FLOPs per image at this size (AT-EDM's own scoring work in brackets)")
+    print(f"{'config':<8} {'TFLOPs/step':>18} {'ms/step':>10} {'speed-up':>9} {'eta':>6}")
+    for row in rows:
+        flops = f"{row['tflops_per_step']:.3f}" + (f" (+{row['overhead_tflops']:.3f})" if row["config"] != "full" else "")
+        print(f"{row['config']:<8} {flops:>18} {row['ms_per_step']:>10.1f} {row['speedup']:>8.2f}x {row['eta']:>6.2f}")
+    return rows
+
+
+def run_flops(args) -> None:
+    unet_config = json.load(open(args.unet_config)) if args.unet_config else default_unet_config()
+    full = flops_per_step(unet_config, None, args.height, args.width, args.steps)
+    print(f"counted FLOPs per image per UNet pass, {args.height}x{args.width}, averaged over {args.steps} steps")
+    print(f"{'config':<8} {'UNet TFLOPs':>12} {'budget':>7} {'AT-EDM own':>11} {'saved':>7}")
+    print(f"{'full':<8} {full.unet_tflops:>12.3f} {'6.7':>7} {'':>11} {'':>7}")
+    for name, config in PRESETS.items():
+        report = flops_per_step(unet_config, config, args.height, args.width, args.steps)
+        saved = 1 - report.unet_tflops / full.unet_tflops
+        print(f"{name:<8} {report.unet_tflops:>12.3f} {PRESET_BUDGETS_TFLOPS[name]:>7} {report.overhead_tflops:>11.3f} {saved:>6.1%}")
+
+
+def run_generate(args) -> None:
+    from diffusers import AutoPipelineForText2Image
+
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    pipe = AutoPipelineForText2Image.from_pretrained(args.model, torch_dtype=dtype).to(args.device)
+    if args.preset != "none":
+        apply(pipe, get_preset(args.preset), backend=args.backend)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    image = pipe(
+        args.prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        generator=generator,
+    ).images[0]
+    image.save(args.out)
+    print(f"saved {args.out} ({args.width}x{args.height}, preset {args.preset}, {args.steps} steps)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atedm", description="AT-EDM token pruning for SDXL")
+    sub = parser.add_subparsers(dest="command")
+
+    bench = sub.add_parser("bench", help="time full vs AT-EDM UNet steps (default command)")
+    bench.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names")
+    bench.add_argument("--height", type=int, default=512)
+    bench.add_argument("--width", type=int, default=512)
+    bench.add_argument("--batch", type=int, default=2, help="2 = one image with classifier-free guidance")
+    bench.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds after one warm-up")
+    bench.add_argument("--steps", type=int, default=50, help="schedule length that DSAP averages over")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    bench.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    bench.add_argument("--unet-config", help="UNet config JSON (default: SDXL-base, shipped)")
+    bench.add_argument("--seed", type=int, default=0)
+
+    flops = sub.add_parser("flops", help="counted TFLOPs/step of full SDXL and every preset")
+    flops.add_argument("--height", type=int, default=1024)
+    flops.add_argument("--width", type=int, default=1024)
+    flops.add_argument("--steps", type=int, default=50)
+    flops.add_argument("--unet-config")
+
+    gen = sub.add_parser("generate", help="generate an image with an SDXL pipeline and a preset")
+    gen.add_argument("--model", required=True, help="local pipeline folder or hub id")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--preset", default="c", choices=sorted(PRESETS) + ["none"])
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance-scale", type=float, default=7.0)
+    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--width", type=int, default=1024)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", default="atedm.png")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        argv = ["bench"] + argv
+    args = build_parser().parse_args(argv)
+    {"bench": run_bench, "flops": run_flops, "generate": run_generate}[args.command](args)

@@ -1,0 +1,110 @@
+"""ATEDMConfig: every switch of AT-EDM in one documented, validated dataclass.
+
+Defaults follow the paper where it is explicit and ``shared/spec/method.md`` where it is a [switch].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from atedm_kernels import BACKENDS, CFG_MASK_MODES, HEAD_REDUCTIONS, SIMILARITY_RULES
+
+PRUNE_MODES = ("once", "every_layer")
+
+# The published early-phase list: the first attention block of each down stage and the last of each
+# up stage stay unpruned while the attention maps are still noisy.
+SDXL_DSAP_BLOCKS = (
+    "down_blocks.1.attentions.0",
+    "down_blocks.2.attentions.0",
+    "up_blocks.0.attentions.2",
+    "up_blocks.1.attentions.2",
+)
+
+
+@dataclass(frozen=True)
+class ATEDMConfig:
+    """How AT-EDM prunes an SDXL UNet.
+
+    Attributes:
+        prune_ratio: rho, the share of tokens pruned after the first layer of a pruning block;
+            k = max(1, ceil((1 - rho) * N)) tokens are kept. In [0, 1). 0 keeps every token but still
+            runs the whole pruning path (useful to check it).
+        gwpr_iterations: K, the number of G-WPR power steps s <- A^T s (>= 1; 1 = column sums).
+        head_reduction: ``"mean"`` walks the head-averaged map; ``"rms"`` walks each head's map and
+            combines sqrt(mean_h s_h^2) (Zero-TPrune).
+        cfg_mask_mode: ``"per_sample"`` ranks each image of the batch on its own map;
+            ``"shared_cond"`` applies the conditional half's mask to both CFG halves (needs an even
+            batch laid out [uncond, cond], as diffusers' pipelines do).
+        similarity: how a pruned token picks the kept token it copies before the convolutions:
+            ``"attention"`` (Abar[i, j], the paper's), ``"attention_transposed"`` (Abar[j, i]),
+            ``"symmetric"`` (their sum) or ``"key_cosine"`` (cosine of the layer's keys).
+        prune_levels: UNet resolution levels whose attention blocks prune, numbered from 1 at full
+            latent resolution (SDXL: level 2 = 64x64 latent at 1024 px, level 3 = 32x32). ``None``
+            prunes every level; ``(3,)`` is AT-EDM-dagger (no pruning at the 4096-token level).
+        prune_mode: ``"once"`` prunes after the first layer of a block only (the paper's operating
+            points); ``"every_layer"`` prunes again after every later layer but the last, each time
+            ``prune_ratio`` of the tokens still present, and recovery composes the copies.
+        dsap_fraction: the share of denoising steps that form DSAP's early phase (0 disables DSAP).
+        dsap_blocks: attention blocks (module names inside the UNet) that prune less in the early phase.
+        dsap_early_ratio: the prune ratio of ``dsap_blocks`` in the early phase; ``None`` leaves them
+            unpruned, as published.
+        backend: ``"auto"`` (Triton kernels on CUDA, PyTorch references elsewhere), ``"torch"`` or
+            ``"triton"``.
+    """
+
+    prune_ratio: float = 0.63
+    gwpr_iterations: int = 3
+    head_reduction: str = "mean"
+    cfg_mask_mode: str = "per_sample"
+    similarity: str = "attention"
+    prune_levels: tuple[int, ...] | None = None
+    prune_mode: str = "once"
+    dsap_fraction: float = 0.1
+    dsap_blocks: tuple[str, ...] = field(default=SDXL_DSAP_BLOCKS)
+    dsap_early_ratio: float | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_ratio("prune_ratio", self.prune_ratio)
+        if self.dsap_early_ratio is not None:
+            _check_ratio("dsap_early_ratio", self.dsap_early_ratio)
+        if isinstance(self.gwpr_iterations, bool) or not isinstance(self.gwpr_iterations, int) or self.gwpr_iterations < 1:
+            raise ValueError(f"gwpr_iterations must be an int >= 1; got {self.gwpr_iterations!r}")
+        _check_choice("head_reduction", self.head_reduction, HEAD_REDUCTIONS)
+        _check_choice("cfg_mask_mode", self.cfg_mask_mode, CFG_MASK_MODES)
+        _check_choice("similarity", self.similarity, SIMILARITY_RULES)
+        _check_choice("prune_mode", self.prune_mode, PRUNE_MODES)
+        _check_choice("backend", self.backend, BACKENDS)
+        if isinstance(self.dsap_fraction, bool) or not isinstance(self.dsap_fraction, (int, float)) or not 0.0 <= self.dsap_fraction <= 1.0:
+            raise ValueError(f"dsap_fraction must be a number in [0, 1]; got {self.dsap_fraction!r}")
+        if self.prune_levels is not None:
+            levels = tuple(self.prune_levels)
+            if not all(isinstance(level, int) and level >= 1 for level in levels):
+                raise ValueError(f"prune_levels must be None or positive ints (1 = full resolution); got {self.prune_levels!r}")
+            object.__setattr__(self, "prune_levels", levels)
+        if isinstance(self.dsap_blocks, str) or not all(isinstance(name, str) for name in self.dsap_blocks):
+            raise ValueError(f"dsap_blocks must be a sequence of module names; got {self.dsap_blocks!r}")
+        object.__setattr__(self, "dsap_blocks", tuple(self.dsap_blocks))
+
+    def replace(self, **overrides) -> "ATEDMConfig":
+        """A copy with some fields changed; unknown field names raise a TypeError naming them."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown ATEDMConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
+
+    def early_steps(self, num_steps: int) -> int:
+        """How many of ``num_steps`` UNet evaluations form the DSAP early phase (rounded to nearest)."""
+        return int(self.dsap_fraction * num_steps + 0.5)
+
+
+def _check_ratio(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1); got {value!r}")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")

@@ -1,0 +1,284 @@
+"""``apply`` / ``remove``: hook AT-EDM into a diffusers SDXL UNet without copying any ``forward``.
+
+Per pruning block (a ``Transformer2DModel`` with at least two transformer layers), using only diffusers'
+extension points:
+
+* a forward pre-hook on the block decides whether it prunes in this call (level, DSAP phase);
+* the first layer's self-attention gets ``PruningSelfAttnProcessor``: it computes the attention output
+  together with the row log-sum-exp, then the pruning plan (G-WPR scores, kept indices, recovery sources);
+* a forward hook on the first layer returns only the kept rows, so later layers run on k tokens;
+* a forward hook on the last layer rebuilds the full (B, N, C) stream by similarity-based copy, so the
+  block's ``proj_out``, reshape and residual add see the whole grid again;
+* a forward pre-hook on the UNet sets the DSAP phase from the timestep it receives.
+
+``remove`` restores the original processors and drops every hook: the UNet is then bit-identical to one
+that was never patched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from atedm_kernels import attention_with_lse, gather_tokens, num_kept_tokens, plan_token_pruning, scatter_recover
+
+from .compat import check_diffusers_version
+from .config import ATEDMConfig
+from .presets import resolve_config
+from .state import BlockState, ATEDMState
+
+_STATE_ATTR = "_atedm_state"
+# Processors whose math is plain softmax attention, which PruningSelfAttnProcessor reproduces exactly.
+_REPLACEABLE_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
+
+
+class PruningSelfAttnProcessor:
+    """Self-attention of a pruning layer: attention output plus the pruning plan of its block.
+
+    When the block does not prune in this call the original processor runs unchanged.
+    """
+
+    def __init__(self, state: ATEDMState, block: BlockState, original: Any):
+        self.state = state
+        self.block = block
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        block, config = self.block, self.state.config
+        if block.active_ratio is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.dim() != 3:
+            raise RuntimeError(
+                f"AT-EDM prunes from plain self-attention on (B, N, C) tokens; block {block.name} got "
+                f"encoder_hidden_states={encoder_hidden_states is not None}, attention_mask="
+                f"{attention_mask is not None}, hidden_states of shape {tuple(hidden_states.shape)}"
+            )
+        residual = hidden_states
+        batch, num_tokens, _ = hidden_states.shape
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out, lse = attention_with_lse(query, key, value, scale=attn.scale, backend=config.backend)
+        with self.state.overhead_scope():
+            keep, src = plan_token_pruning(
+                query,
+                key,
+                lse,
+                num_kept_tokens(num_tokens, block.active_ratio),
+                iterations=config.gwpr_iterations,
+                head_reduction=config.head_reduction,
+                cfg_mask_mode=config.cfg_mask_mode,
+                similarity=config.similarity,
+                scale=attn.scale,
+                backend=config.backend,
+            )
+        block.keep.append(keep)
+        block.src.append(src)
+
+        out = out.transpose(1, 2).reshape(batch, num_tokens, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _resolve_unet(pipe_or_unet) -> tuple[UNet2DConditionModel, Any]:
+    if isinstance(pipe_or_unet, UNet2DConditionModel):
+        return pipe_or_unet, None
+    unet = getattr(pipe_or_unet, "unet", None)
+    if isinstance(unet, UNet2DConditionModel):
+        return unet, pipe_or_unet
+    raise TypeError(
+        "atedm.apply/remove expect a diffusers SDXL pipeline (with a .unet) or a UNet2DConditionModel; "
+        f"got {type(pipe_or_unet).__name__}"
+    )
+
+
+def _block_level(name: str, unet: UNet2DConditionModel) -> int:
+    """Resolution level of an attention block, 1 = full latent resolution (see ATEDMConfig.prune_levels)."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        return int(parts[1]) + 1
+    if parts[0] == "up_blocks":
+        return len(unet.up_blocks) - int(parts[1])
+    return len(unet.down_blocks)  # the mid block sits at the deepest level
+
+
+def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig) -> dict[str, BlockState]:
+    attention_blocks = {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, Transformer2DModel) and module.is_input_continuous
+    }
+    blocks = {}
+    for name, module in attention_blocks.items():
+        depth = len(module.transformer_blocks)
+        level = _block_level(name, unet)
+        if depth < 2 or (config.prune_levels is not None and level not in config.prune_levels):
+            continue
+        pruning_layers = (0,) if config.prune_mode == "once" else tuple(range(depth - 1))
+        for index in pruning_layers:
+            attn = module.transformer_blocks[index].attn1
+            processor = attn.processor
+            if isinstance(processor, PruningSelfAttnProcessor):  # re-applying: judge what we replaced
+                processor = processor.original
+            if not isinstance(processor, _REPLACEABLE_PROCESSORS):
+                raise ValueError(
+                    f"{name}.transformer_blocks.{index}.attn1 uses a custom attention processor "
+                    f"({type(processor).__name__}); AT-EDM replaces only diffusers' default processors. "
+                    "Restore them (unet.set_default_attn_processor()) or remove the other patch first."
+                )
+            if attn.spatial_norm is not None or attn.group_norm is not None or attn.is_cross_attention:
+                raise ValueError(f"{name}.transformer_blocks.{index}.attn1 is not a plain self-attention")
+        blocks[name] = BlockState(name=name, level=level, depth=depth, pruning_layers=pruning_layers)
+    if not blocks:
+        raise ValueError(
+            "found no SDXL-style attention block to prune: AT-EDM needs Transformer2DModel blocks with at "
+            f"least two transformer layers (at prune_levels={config.prune_levels}); this UNet has "
+            f"{ {n: len(m.transformer_blocks) for n, m in attention_blocks.items()} or 'none'}"
+        )
+    unknown = sorted(set(config.dsap_blocks) - set(attention_blocks))
+    if unknown and config.dsap_fraction > 0:
+        raise ValueError(f"dsap_blocks {unknown} are not attention blocks of this UNet; it has {sorted(attention_blocks)}")
+    return blocks
+
+
+def _install(unet: UNet2DConditionModel, state: ATEDMState) -> list:
+    """Register every hook and processor; returns undo actions (run in reverse to remove)."""
+    undo = []
+    backend = state.config.backend
+
+    def unet_pre_hook(module, args, kwargs):
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        state.phase = state.resolve_phase(timestep)
+        state.phase_calls[state.phase] += 1
+
+    undo.append(unet.register_forward_pre_hook(unet_pre_hook, with_kwargs=True).remove)
+
+    for name, block in state.blocks.items():
+        module = unet.get_submodule(name)
+
+        def block_pre_hook(mod, args, block=block):
+            block.clear_call()
+            block.active_ratio = state.ratio_for(block)
+
+        def block_post_hook(mod, args, output, block=block):
+            block.clear_call()
+
+        undo.append(module.register_forward_pre_hook(block_pre_hook).remove)
+        undo.append(module.register_forward_hook(block_post_hook).remove)
+
+        for position, index in enumerate(block.pruning_layers):
+            layer = module.transformer_blocks[index]
+            original = layer.attn1.processor
+            layer.attn1.set_processor(PruningSelfAttnProcessor(state, block, original))
+            undo.append(lambda attn=layer.attn1, original=original: attn.set_processor(original))
+
+            def gather_hook(mod, args, output, block=block, position=position):
+                if block.active_ratio is None:
+                    return None
+                if len(block.keep) <= position:
+                    raise RuntimeError(f"AT-EDM's processor did not run in {block.name}; was attn1's processor replaced?")
+                with state.overhead_scope():
+                    return gather_tokens(output, block.keep[position], backend=backend)
+
+            undo.append(layer.register_forward_hook(gather_hook).remove)
+
+        def recover_hook(mod, args, output, block=block):
+            if block.active_ratio is None:
+                return None
+            with state.overhead_scope():
+                src = block.src[0]
+                for later in block.src[1:]:
+                    src = torch.gather(later, 1, src)  # compose: full grid -> layer-1 kept -> ... -> last kept
+                full = scatter_recover(output, src, backend=backend)
+            block.pruned_calls += 1
+            block.kept_tokens = tuple(keep.shape[1] for keep in block.keep)
+            return full
+
+        undo.append(module.transformer_blocks[-1].register_forward_hook(recover_hook).remove)
+    return undo
+
+
+def apply(pipe_or_unet, config: ATEDMConfig | str | None = None, **overrides):
+    """Patch a diffusers SDXL pipeline or UNet with AT-EDM token pruning; returns the object given.
+
+    ``config`` is an ``ATEDMConfig``, a preset name (see ``atedm.presets``) or None for the defaults;
+    keyword overrides replace single fields. Applying again with the same config does nothing; with a
+    different config the old patch is removed first. On any error the model is left as it was.
+    """
+    check_diffusers_version()
+    unet, pipe = _resolve_unet(pipe_or_unet)
+    config = resolve_config(config, **overrides)
+    current = getattr(unet, _STATE_ATTR, None)
+    if current is not None and current.config == config:
+        if pipe is not None:
+            current.pipeline = pipe
+        return pipe_or_unet
+    blocks = _find_blocks(unet, config)
+    if current is not None:
+        remove(unet)
+    state = ATEDMState(config, blocks)
+    state.pipeline = pipe
+    scheduler_config = getattr(getattr(pipe, "scheduler", None), "config", None)
+    state.num_train_timesteps = int(getattr(scheduler_config, "num_train_timesteps", 1000) or 1000)
+    undo = []
+    try:
+        undo = _install(unet, state)
+    except BaseException:
+        for action in reversed(undo):
+            action()
+        raise
+    state._undo = undo
+    setattr(unet, _STATE_ATTR, state)
+    return pipe_or_unet
+
+
+def remove(pipe_or_unet):
+    """Undo ``apply``: original processors back, every hook gone. Safe to call on an unpatched model."""
+    unet, _ = _resolve_unet(pipe_or_unet)
+    state = getattr(unet, _STATE_ATTR, None)
+    if state is None:
+        return pipe_or_unet
+    for action in reversed(state._undo):
+        action()
+    delattr(unet, _STATE_ATTR)
+    return pipe_or_unet
+
+
+def get_state(pipe_or_unet) -> ATEDMState | None:
+    """The ``ATEDMState`` of a patched model (statistics, phase control), or None when unpatched."""
+    unet, _ = _resolve_unet(pipe_or_unet)
+    return getattr(unet, _STATE_ATTR, None)
+
+
+def _require_state(pipe_or_unet) -> ATEDMState:
+    state = get_state(pipe_or_unet)
+    if state is None:
+        raise RuntimeError("this model is not patched with atedm.apply")
+    return state
+
+
+def set_phase(pipe_or_unet, phase: str | None) -> None:
+    """Fix the DSAP phase (``"early"`` / ``"late"``) for the following UNet calls; None follows the timestep.
+
+    Use it with a compiled UNet, where reading the timestep inside the model would break the graph.
+    """
+    if phase is not None and phase not in ("early", "late"):
+        raise ValueError(f"phase must be 'early', 'late' or None; got {phase!r}")
+    _require_state(pipe_or_unet).phase_override = phase
+
+
+def set_timesteps(pipe_or_unet, timesteps) -> None:
+    """Give a bare UNet the schedule of the coming generation, so DSAP counts steps exactly."""
+    state = _require_state(pipe_or_unet)
+    state.timesteps = None if timesteps is None else torch.as_tensor(timesteps).detach().float().cpu().flatten()

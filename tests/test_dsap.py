@@ -1,0 +1,97 @@
+"""DSAP: the phase of every UNet call follows the sampler, for pipelines and bare UNets alike."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+import atedm
+from tests.tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
+
+DSAP_BLOCKS = ("down_blocks.1.attentions.0", "down_blocks.2.attentions.0", "up_blocks.0.attentions.2", "up_blocks.1.attentions.2")
+
+SCHEDULERS = {
+    "euler": lambda: EulerDiscreteScheduler(timestep_spacing="leading", steps_offset=1),
+    "ddim": lambda: DDIMScheduler(timestep_spacing="trailing"),
+    "dpm_karras": lambda: DPMSolverMultistepScheduler(use_karras_sigmas=True),
+}
+
+
+class FakePipeline:
+    """Just what atedm reads from a pipeline: its UNet and its scheduler."""
+
+    def __init__(self, unet, scheduler):
+        self.unet, self.scheduler = unet, scheduler
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_sdxl_unet()
+
+
+@pytest.fixture(autouse=True)
+def _unpatch(unet):
+    yield
+    atedm.remove(unet)
+
+
+@pytest.mark.parametrize("scheduler_name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("num_steps,fraction", [(10, 0.3), (7, 0.5), (50, 0.1)])
+def test_phase_follows_the_pipeline_schedule(unet, scheduler_name, num_steps, fraction):
+    scheduler = SCHEDULERS[scheduler_name]()
+    scheduler.set_timesteps(num_steps)
+    pipe = FakePipeline(unet, scheduler)
+    atedm.apply(pipe, dsap_fraction=fraction)
+    state = atedm.get_state(pipe)
+    early = round(fraction * num_steps)
+    phases = [state.resolve_phase(t) for t in scheduler.timesteps]
+    assert phases == ["early"] * early + ["late"] * (num_steps - early)
+
+
+def test_phase_decides_which_blocks_prune_in_real_unet_calls(unet):
+    scheduler = EulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    pipe = FakePipeline(unet, scheduler)
+    atedm.apply(pipe, dsap_fraction=0.5)
+    state = atedm.get_state(pipe)
+    for t in scheduler.timesteps:  # CFG batched into one call, as the pipelines do
+        inputs = unet_inputs(batch=2)
+        inputs["timestep"] = t
+        run_unet(unet, inputs)
+    assert state.phase_calls == {"early": 2, "late": 2}
+    for name, block in state.blocks.items():
+        assert block.pruned_calls == (2 if name in DSAP_BLOCKS else 4), name
+
+
+def test_dsap_early_ratio_prunes_the_dsap_blocks_less(unet):
+    atedm.apply(unet, prune_ratio=0.75, dsap_fraction=0.5, dsap_early_ratio=0.25)
+    atedm.set_phase(unet, "early")
+    run_unet(unet, unet_inputs(batch=2, height=16, width=16))
+    blocks = atedm.get_state(unet).blocks
+    assert blocks["down_blocks.1.attentions.0"].kept_tokens == (48,)  # 64 tokens, 25% pruned
+    assert blocks["down_blocks.1.attentions.1"].kept_tokens == (16,)  # 75% pruned
+
+
+def test_bare_unet_uses_the_timestep_alone(unet):
+    atedm.apply(unet, dsap_fraction=0.2)
+    state = atedm.get_state(unet)
+    assert state.resolve_phase(torch.tensor(999)) == "early"
+    assert state.resolve_phase(torch.tensor([801.0, 801.0])) == "early"
+    assert state.resolve_phase(799) == "late"
+    atedm.set_timesteps(unet, torch.linspace(999, 0, 10))
+    assert [state.resolve_phase(t) for t in torch.linspace(999, 0, 10)] == ["early"] * 2 + ["late"] * 8
+    atedm.set_phase(unet, "early")
+    assert state.resolve_phase(0) == "early"
+    with pytest.raises(ValueError, match="phase"):
+        atedm.set_phase(unet, "middle")
+
+
+def test_new_generation_starts_clean_after_an_interrupted_one(unet):
+    atedm.apply(unet, dsap_fraction=0.0)
+    inputs = unet_inputs(batch=2)
+    expected = run_unet(unet, inputs)
+    bad = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"][:, :, :5])
+    with pytest.raises(RuntimeError):
+        run_unet(unet, bad)  # dies inside the first block, after the plan was made
+    assert torch.equal(run_unet(unet, inputs), expected)
+    atedm.get_state(unet).reset()
+    assert atedm.get_state(unet).pruned_calls == 0

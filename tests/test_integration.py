@@ -1,0 +1,205 @@
+"""atedm.apply / remove on a tiny SDXL-shaped UNet: the patched path runs, is exact where it must be,
+reverses bit for bit, and refuses bad input with a clear error."""
+
+import math
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+import atedm
+from atedm.compat import check_diffusers_version
+from atedm_kernels import num_kept_tokens
+from tests.tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
+
+LEVEL2 = ["down_blocks.1.attentions.0", "down_blocks.1.attentions.1", "up_blocks.1.attentions.0",
+          "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"]
+LEVEL3 = ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "mid_block.attentions.0",
+          "up_blocks.0.attentions.0", "up_blocks.0.attentions.1", "up_blocks.0.attentions.2"]
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_sdxl_unet()
+
+
+@pytest.fixture(autouse=True)
+def _unpatch(unet):
+    yield
+    atedm.remove(unet)
+
+
+def test_patched_path_runs_in_every_block_with_the_expected_token_counts(unet):
+    atedm.apply(unet, prune_ratio=0.63, dsap_fraction=0.0)
+    inputs = unet_inputs(batch=2, height=16, width=16)
+    run_unet(unet, inputs)
+    state = atedm.get_state(unet)
+    assert sorted(state.blocks) == sorted(LEVEL2 + LEVEL3)
+    for name, block in state.blocks.items():
+        n = 8 * 8 if name in LEVEL2 else 4 * 4  # latent 16 -> 8 at level 2, 4 at level 3
+        assert block.pruned_calls == 1, name
+        assert block.kept_tokens == (math.ceil(0.37 * n),), name
+    assert state.pruned_calls == 11
+
+
+def test_prune_ratio_zero_reproduces_the_unpatched_output(unet):
+    inputs = unet_inputs(batch=2)
+    reference = run_unet(unet, inputs)
+    atedm.apply(unet, prune_ratio=0.0, dsap_fraction=0.0)
+    pruned = run_unet(unet, inputs)
+    assert atedm.get_state(unet).pruned_calls == 11
+    torch.testing.assert_close(pruned, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_pruning_changes_the_output(unet):
+    inputs = unet_inputs(batch=2)
+    reference = run_unet(unet, inputs)
+    atedm.apply(unet, prune_ratio=0.8, dsap_fraction=0.0)
+    assert not torch.allclose(run_unet(unet, inputs), reference, atol=1e-4)
+
+
+def test_remove_restores_bit_identical_outputs(unet):
+    inputs = unet_inputs(batch=3, height=16, width=24)
+    fresh = tiny_sdxl_unet()  # same seed: identical weights, never patched
+    expected = run_unet(fresh, inputs)
+    atedm.apply(unet, "c")
+    run_unet(unet, inputs)
+    atedm.remove(unet)
+    assert torch.equal(run_unet(unet, inputs), expected)
+    assert atedm.get_state(unet) is None
+    processors = {k: type(v) for k, v in unet.attn_processors.items()}
+    assert processors == {k: type(v) for k, v in fresh.attn_processors.items()}
+    assert not unet._forward_pre_hooks and not unet._forward_hooks
+
+
+def test_apply_is_idempotent_and_reapply_replaces_the_config(unet):
+    atedm.apply(unet, "c")
+    state = atedm.get_state(unet)
+    hooks = len(unet.get_submodule(LEVEL2[0])._forward_pre_hooks)
+    atedm.apply(unet, "c")
+    assert atedm.get_state(unet) is state
+    assert len(unet.get_submodule(LEVEL2[0])._forward_pre_hooks) == hooks
+    atedm.apply(unet, "dagger")
+    assert atedm.get_state(unet).config == atedm.get_preset("dagger")
+    assert len(unet.get_submodule(LEVEL3[0])._forward_pre_hooks) == hooks
+    atedm.remove(unet)
+    atedm.remove(unet)  # removing twice, or without apply, is a no-op
+
+
+def test_dagger_leaves_level_two_unpruned(unet):
+    atedm.apply(unet, "dagger", dsap_fraction=0.0)
+    run_unet(unet, unet_inputs())
+    state = atedm.get_state(unet)
+    assert sorted(state.blocks) == sorted(LEVEL3)
+    assert state.pruned_calls == len(LEVEL3)
+
+
+@pytest.mark.parametrize("batch,height,width", [(1, 16, 16), (3, 16, 16), (2, 24, 16), (1, 8, 24)])
+def test_batch_sizes_and_non_square_latents(unet, batch, height, width):
+    atedm.apply(unet, prune_ratio=0.5, dsap_fraction=0.0)
+    out = run_unet(unet, unet_inputs(batch=batch, height=height, width=width))
+    assert out.shape == (batch, 4, height, width) and torch.isfinite(out).all()
+    level2 = atedm.get_state(unet).blocks[LEVEL2[0]]
+    assert level2.kept_tokens == (num_kept_tokens((height // 2) * (width // 2), 0.5),)
+
+
+def test_tiny_grid_keeps_at_least_one_token(unet):
+    atedm.apply(unet, prune_ratio=0.99, dsap_fraction=0.0)
+    run_unet(unet, unet_inputs(batch=1, height=8, width=8))  # level 3 grid is 2 x 2
+    assert atedm.get_state(unet).blocks[LEVEL3[0]].kept_tokens == (1,)
+
+
+def test_every_layer_mode_prunes_after_each_layer_but_the_last(unet):
+    atedm.apply(unet, prune_ratio=0.5, prune_mode="every_layer", dsap_fraction=0.0)
+    out = run_unet(unet, unet_inputs(batch=2, height=16, width=16))
+    assert torch.isfinite(out).all()
+    state = atedm.get_state(unet)
+    assert state.blocks[LEVEL3[0]].kept_tokens == (8, 4)  # 16 -> 8 -> 4 tokens over depth 3
+    assert state.blocks[LEVEL2[0]].kept_tokens == (32,)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(head_reduction="rms"), dict(similarity="attention_transposed"), dict(similarity="symmetric"),
+     dict(similarity="key_cosine"), dict(cfg_mask_mode="shared_cond"), dict(gwpr_iterations=1)],
+)
+def test_every_switch_runs_the_pruned_path(unet, overrides):
+    atedm.apply(unet, prune_ratio=0.63, dsap_fraction=0.0, **overrides)
+    out = run_unet(unet, unet_inputs(batch=2))
+    assert torch.isfinite(out).all() and atedm.get_state(unet).pruned_calls == 11
+
+
+def test_shared_cond_mask_needs_an_even_batch(unet):
+    atedm.apply(unet, cfg_mask_mode="shared_cond", dsap_fraction=0.0)
+    with pytest.raises(ValueError, match="even"):
+        run_unet(unet, unet_inputs(batch=3))
+    run_unet(unet, unet_inputs(batch=2))  # the error left nothing behind
+    assert atedm.get_state(unet).blocks[LEVEL2[0]].pruned_calls == 1
+
+
+def test_bad_input_raises_clear_errors(unet):
+    with pytest.raises(TypeError, match="pipeline"):
+        atedm.apply(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="prune_ratio"):
+        atedm.apply(unet, prune_ratio=1.0)
+    with pytest.raises(ValueError, match="prune_ratio"):
+        atedm.apply(unet, prune_ratio=-0.1)
+    with pytest.raises(KeyError, match="preset"):
+        atedm.apply(unet, "e")
+    with pytest.raises(ValueError, match="similarity"):
+        atedm.apply(unet, similarity="euclid")
+    with pytest.raises(ValueError, match="head_reduction"):
+        atedm.apply(unet, head_reduction="max")
+    with pytest.raises(ValueError, match="backend"):
+        atedm.apply(unet, backend="cuda")
+    with pytest.raises(TypeError, match="unknown ATEDMConfig field"):
+        atedm.apply(unet, prune_rate=0.5)
+    with pytest.raises(ValueError, match="dsap_blocks"):
+        atedm.apply(unet, dsap_blocks=("down_blocks.9.attentions.0",))
+    with pytest.raises(ValueError, match="no SDXL-style attention block"):
+        atedm.apply(unet, prune_levels=(1,))
+    assert atedm.get_state(unet) is None  # nothing half-patched
+
+
+def test_a_unet_without_attention_blocks_is_refused():
+    plain = UNet2DConditionModel(
+        block_out_channels=(32, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type=None, cross_attention_dim=8,
+        layers_per_block=1, sample_size=8,
+    )
+    with pytest.raises(ValueError, match="no SDXL-style attention block"):
+        atedm.apply(plain)
+
+
+def test_custom_attention_processors_are_refused_not_overwritten(unet):
+    class Custom:
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            return hidden_states
+
+    layer = unet.get_submodule(LEVEL2[0]).transformer_blocks[0]
+    original = layer.attn1.processor
+    layer.attn1.set_processor(Custom())
+    try:
+        with pytest.raises(ValueError, match="custom attention processor"):
+            atedm.apply(unet)
+        assert isinstance(layer.attn1.processor, Custom) and atedm.get_state(unet) is None
+    finally:
+        layer.attn1.set_processor(original)
+
+
+def test_diffusers_version_range_is_enforced():
+    check_diffusers_version("0.42.1")
+    with pytest.raises(RuntimeError, match="supports diffusers"):
+        check_diffusers_version("0.29.2")
+    with pytest.raises(RuntimeError, match="supports diffusers"):
+        check_diffusers_version("0.50.0")
+
+
+def test_triton_backend_matches_torch_backend_end_to_end(unet):
+    inputs = unet_inputs(batch=2)
+    atedm.apply(unet, prune_ratio=0.63, dsap_fraction=0.0, backend="torch")
+    expected = run_unet(unet, inputs)
+    atedm.apply(unet, prune_ratio=0.63, dsap_fraction=0.0, backend="triton")
+    got = run_unet(unet, inputs)
+    assert atedm.get_state(unet).pruned_calls == 11
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
