@@ -11,7 +11,6 @@ Each public op takes ``backend`` = ``"auto" | "torch" | "triton"``:
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -19,13 +18,20 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # pragma: no cover - depends on the install
         return False
     return True
+
+
+# Decided once at import: a plain constant keeps torch.compile from tracing an import or a cache.
+TRITON_AVAILABLE = _import_triton()
+
+
+def triton_available() -> bool:
+    return TRITON_AVAILABLE
 
 
 def triton_interpreter_on() -> bool:

@@ -12,14 +12,26 @@ Why the log-sum-exp: fused attention never forms the probability map, but with `
 can be rebuilt later as ``exp(S - lse)`` from Q and K alone. Every G-WPR quantity atedm needs is computed
 that way (see ``attention_map.py`` and ``gwpr.py``), so the pruning layer pays for attention once, plus
 one exp-bound pass for the scores.
+
+Kernel (FlashAttention-2 forward). One program owns BLOCK_M query rows of one (batch, head) and walks the
+keys in tiles of BLOCK_N with an online softmax in base 2 (running max ``m``, running sum ``l``, fp32
+accumulator), so no N x N tensor ever exists; ``lse = ln2 * (m + log2 l)``. Grid: (cdiv(Nq, BLOCK_M),
+B * H). Full key tiles run unmasked; a ragged last tile is masked with -inf scores, so any N works.
+
+Floor (performance.md, H100, level 2 B=2 H=10 N=4096 d=64): 4 B H N^2 d = 86 GFLOP of matmul (about
+107 us at 800 TFLOP/s) and B H N^2 = 336 M exps (about 86 us): about 0.11 ms. The target is PyTorch's
+SDPA flash backend within 1.15x (``benchmarks/bench_attention_lse.py``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ._chunking import heads_per_chunk
 from ._dispatch import check_same_device, resolve_backend
+from ._triton import autotune, dot_precision, head_dim_block, jit, load_head_rows, tl, triton
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -51,8 +63,145 @@ def attention_with_lse_ref(
     return out, lse
 
 
+@jit
+def _online_softmax_tile(
+    acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_n, offs_d, N_K, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold keys [start_n, start_n + BLOCK_N) into the running (acc, m_i, l_i) of BLOCK_M query rows.
+
+    k_ptrs, v_ptrs point at the tile's first key; MASK_KEYS only for the ragged last tile.
+    """
+    keys = start_n + offs_n
+    k = load_head_rows(k_ptrs, keys, N_K, offs_d, HEAD_DIM, BLOCK_D, MASK_KEYS)
+    v = load_head_rows(v_ptrs, keys, N_K, offs_d, HEAD_DIM, BLOCK_D, MASK_KEYS)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASK_KEYS:
+        qk = tl.where(keys[None, :] < N_K, qk, float("-inf"))
+    # Scaling the row max instead of the tile (valid for scale > 0) leaves one FMA per score before exp2.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * qk_scale_log2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@autotune(
+    cuda_configs=[
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ],
+    interpreter_config=dict(BLOCK_M=32, BLOCK_N=32),
+    key=["N_Q", "N_K", "HEAD_DIM"],
+)
+@jit
+def _attention_lse_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_lb, stride_lh, stride_ln,
+    num_heads, N_Q, N_K,
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Attention output and row log-sum-exp.
+
+    Q, K, V: (B, H, Nq|Nk, d) inputs, any strides; Out: (B, H, Nq, d) in Q's dtype; Lse: (B, H, Nq) fp32.
+    stride_*: element strides of those tensors (batch, head, token, dim). num_heads: H, to split the
+    second grid axis; N_Q, N_K: query and key counts. qk_scale_log2: scale * log2(e), so exp2 replaces exp.
+    qk_scale_log2 must be positive (the row max is scaled after the reduction).
+    HEAD_DIM: d; BLOCK_D: d padded to a power of two >= 16 (see ``head_dim_block``); both constexpr because
+    they size the register tiles and ``tl.dot`` (one compile per head dim, and SDXL has one).
+    DOT_PRECISION: "ieee" for fp32 inputs, else ignored. BLOCK_M, BLOCK_N: query and key tile (autotuned).
+    """
+    # One program owns BLOCK_M query rows of one (batch, head) and loops over every key tile.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    k_ptrs = K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q = load_head_rows(q_ptrs, offs_m, N_Q, offs_d, HEAD_DIM, BLOCK_D, True)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _online_softmax_tile(
+            acc, m_i, l_i, q, k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn, start_n, offs_n, offs_d,
+            N_K, qk_scale_log2, HEAD_DIM, BLOCK_D, False, DOT_PRECISION,
+        )
+    if n_full < N_K:
+        acc, m_i, l_i = _online_softmax_tile(
+            acc, m_i, l_i, q, k_ptrs + n_full * stride_kn, v_ptrs + n_full * stride_vn, n_full, offs_n, offs_d,
+            N_K, qk_scale_log2, HEAD_DIM, BLOCK_D, True, DOT_PRECISION,
+        )
+
+    row_ok = offs_m < N_Q
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(Lse + batch * stride_lb + head * stride_lh + offs_m * stride_ln, lse, mask=row_ok)
+    out = acc / l_i[:, None]
+    out_ptrs = Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+def _attention_with_lse_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel; ``out``/``lse`` may be preallocated (the tests pass poisoned buffers)."""
+    batch, num_heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(batch, num_heads, n_q, dtype=torch.float32, device=q.device) if lse is None else lse
+
+    def grid(meta):
+        return (triton.cdiv(n_q, meta["BLOCK_M"]), batch * num_heads)
+
+    _attention_lse_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        num_heads, n_q, n_k,
+        scale * math.log2(math.e),
+        HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), DOT_PRECISION=dot_precision(q.dtype),
+    )
+    return out, lse
+
+
+@torch.library.custom_op("atedm::attention_with_lse", mutates_args=())
+def _attention_with_lse_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Opaque to torch.compile: the graph around the pruning layer stays whole."""
+    return _attention_with_lse_launch(q, k, v, scale)
+
+
+@_attention_with_lse_op.register_fake
+def _attention_with_lse_fake(q, k, v, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 def _attention_with_lse_triton(q, k, v, scale):
-    raise NotImplementedError("the Triton attention-with-lse kernel is not built yet; use backend='torch'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"the Triton attention kernel needs a positive softmax scale; got {scale!r}")
+    return _attention_with_lse_op(q, k, v, scale)
 
 
 def attention_with_lse(

@@ -10,14 +10,33 @@ Shapes: q (B, H, Nq, d), k (B, H, Nk, d), lse (B, H, Nq) fp32 -> Abar (B, Nq, Nk
 Abar is the weighted adjacency matrix of the token graph that G-WPR walks (``gwpr.py``) and the default
 similarity that recovery reads (``recovery.py``). Only the head *average* is ever stored; per-head maps
 exist one head chunk at a time in the reference.
+
+Kernel. One program owns a BLOCK_M x BLOCK_N tile (queries x keys) of one image's Abar and loops over the
+H heads, rebuilding each head's probabilities from a Q tile, a K tile and the Q rows' lse and adding them
+into fp32 registers; the tile is written once, in ``out_dtype`` (fp16 for the integration: probabilities
+lie in [0, 1], where fp16 keeps 3 more mantissa bits than bf16). No per-head map is ever stored. Grid:
+(cdiv(Nk, BLOCK_N), cdiv(Nq, BLOCK_M), B); the key axis varies fastest, so programs in flight share one Q
+tile and one image's K (5 MB at level 2) stays in L2.
+
+By-product: the tile's column sums (fp32, before rounding to ``out_dtype``), one row per query block,
+(B, cdiv(Nq, BLOCK_M), Nk). Summed over query blocks and divided by N they are the first G-WPR iteration
+s_1 = Abar^T (1/N), which saves ``gwpr.py`` one full read of the map when it builds the map itself. They
+cost BLOCK_N fp32 stores per tile against the tile's H * BLOCK_M * BLOCK_N exps; no atomics, so the sums
+are deterministic (a reordered sum could flip a near-tie in the top-k mask between runs).
+
+Floor (performance.md, H100, level 2 B=2 H=10 N=4096): B H N^2 = 336 M exps, about 86 us (binding), over
+the 2 B H N^2 d = 43 GFLOP of QK^T (about 54 us) and the 67 MB fp16 map written once (about 22 us).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._chunking import heads_per_chunk
-from ._dispatch import check_same_device, resolve_backend
+from ._dispatch import check_same_device, resolve_backend, triton_interpreter_on
+from ._triton import autotune, dot_precision, head_dim_block, jit, load_head_rows, tl, triton
 
 
 def _check_qk_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor) -> None:
@@ -52,8 +71,131 @@ def head_mean_attention_map_ref(
     return (total / num_heads).to(out_dtype)
 
 
+@autotune(
+    cuda_configs=[
+        dict(BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_N=64, num_warps=8, num_stages=3),
+        dict(BLOCK_N=128, num_warps=8, num_stages=2),
+        dict(BLOCK_N=128, num_warps=8, num_stages=3),
+    ],
+    interpreter_config=dict(BLOCK_N=32),
+    key=["N_Q", "N_K", "HEAD_DIM"],
+)
+@jit
+def _head_mean_map_kernel(
+    Q, K, Lse, Abar, ColSums,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_lb, stride_lh, stride_ln,
+    stride_ab, stride_ai, stride_aj,
+    stride_cb, stride_cm, stride_cj,
+    num_heads, N_Q, N_K,
+    qk_scale_log2, inv_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE_COLUMN_SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Abar tile = mean over heads of exp(scale q k^T - lse), plus optional column sums.
+
+    Q: (B, H, Nq, d), K: (B, H, Nk, d), any strides; Lse: (B, H, Nq) fp32 row log-sum-exp of the
+    attention that produced it. Abar: (B, Nq, Nk) output in its own dtype. ColSums: (B, cdiv(Nq, BLOCK_M),
+    Nk) fp32, written only when WRITE_COLUMN_SUMS. stride_*: element strides (batch, head, token, dim;
+    for Abar batch, query, key; for ColSums batch, query block, key). num_heads: H, the loop length;
+    N_Q, N_K: query and key counts. qk_scale_log2: scale * log2(e); inv_heads: 1 / H.
+    HEAD_DIM, BLOCK_D: d and its power-of-two padding (constexpr: they size tiles and ``tl.dot``).
+    DOT_PRECISION: "ieee" for fp32 inputs. BLOCK_M: query tile, fixed by the launcher because it shapes
+    ColSums; BLOCK_N: key tile (autotuned).
+    """
+    # One program owns a BLOCK_M x BLOCK_N tile of one image's Abar and loops over all heads.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    # Pointers advance by one head stride per step: 64-bit pointer arithmetic, no int32 head offset.
+    q_ptrs = Q + batch * stride_qb + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    k_ptrs = K + batch * stride_kb + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    lse_ptrs = Lse + batch * stride_lb + offs_m * stride_ln
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for _ in range(num_heads):
+        q = load_head_rows(q_ptrs, offs_m, N_Q, offs_d, HEAD_DIM, BLOCK_D, True)
+        k = load_head_rows(k_ptrs, offs_n, N_K, offs_d, HEAD_DIM, BLOCK_D, True)
+        # +inf for query rows past N_Q makes their probabilities exactly 0, so the column sums stay clean.
+        lse_log2 = tl.load(lse_ptrs, mask=offs_m < N_Q, other=float("inf")) * 1.4426950408889634
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        acc += tl.exp2(scores - lse_log2[:, None])
+        q_ptrs += stride_qh
+        k_ptrs += stride_kh
+        lse_ptrs += stride_lh
+    acc = acc * inv_heads
+
+    cols_ok = offs_n < N_K
+    abar_ptrs = Abar + batch * stride_ab + offs_m[:, None].to(tl.int64) * stride_ai + offs_n[None, :] * stride_aj
+    tl.store(abar_ptrs, acc.to(Abar.dtype.element_ty), mask=(offs_m[:, None] < N_Q) & cols_ok[None, :])
+    if WRITE_COLUMN_SUMS:
+        col_ptrs = ColSums + batch * stride_cb + pid_m * stride_cm + offs_n * stride_cj
+        tl.store(col_ptrs, tl.sum(acc, 0), mask=cols_ok)
+
+
+def map_query_block() -> int:
+    """Query tile of the map kernel; not autotuned because it fixes the column-sum buffer's shape.
+
+    Every program re-reads one K tile per head, so K crosses L2 cdiv(N, BLOCK_M) times: at level 2,
+    128 rows make that 168 MB per call (64 rows: 335 MB, enough L2 traffic to rival the 86 us exp
+    floor), and a 128 x 128 fp32 tile still fits in registers at 8 warps. The interpreter takes 32 so
+    small test shapes span several query blocks."""
+    return 32 if triton_interpreter_on() else 128
+
+
+def _head_mean_attention_map_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    out_dtype: torch.dtype,
+    column_sums: bool = False,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the kernel; returns (Abar, column-sum partials (B, cdiv(Nq, BLOCK_M), Nk) or None).
+
+    ``out`` may be a preallocated Abar (the tests pass a poisoned one)."""
+    batch, num_heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    block_m = map_query_block()
+    abar = torch.empty(batch, n_q, n_k, dtype=out_dtype, device=q.device) if out is None else out
+    partials = torch.empty(batch, triton.cdiv(n_q, block_m), n_k, dtype=torch.float32, device=q.device) \
+        if column_sums else abar.new_empty(0, 0, 0, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(n_k, meta["BLOCK_N"]), triton.cdiv(n_q, block_m), batch)
+
+    _head_mean_map_kernel[grid](
+        q, k, lse, abar, partials,
+        *q.stride(), *k.stride(), *lse.stride(), *abar.stride(), *partials.stride(),
+        num_heads, n_q, n_k,
+        scale * math.log2(math.e), 1.0 / num_heads,
+        HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), DOT_PRECISION=dot_precision(q.dtype),
+        WRITE_COLUMN_SUMS=column_sums, BLOCK_M=block_m,
+    )
+    return abar, (partials if column_sums else None)
+
+
+@torch.library.custom_op("atedm::head_mean_attention_map", mutates_args=())
+def _head_mean_attention_map_op(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Opaque to torch.compile: the graph around the pruning layer stays whole."""
+    return _head_mean_attention_map_launch(q, k, lse, scale, out_dtype)[0]
+
+
+@_head_mean_attention_map_op.register_fake
+def _head_mean_attention_map_fake(q, k, lse, scale, out_dtype):
+    return q.new_empty(q.shape[0], q.shape[2], k.shape[2], dtype=out_dtype)
+
+
 def _head_mean_attention_map_triton(q, k, lse, scale, out_dtype):
-    raise NotImplementedError("the Triton attention-map kernel is not built yet; use backend='torch'")
+    return _head_mean_attention_map_op(q, k, lse, q.shape[-1] ** -0.5 if scale is None else float(scale), out_dtype)
 
 
 def head_mean_attention_map(

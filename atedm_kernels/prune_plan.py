@@ -2,11 +2,17 @@
 
 This chains the ops of this package in the order AT-EDM applies them inside one attention block:
 
-    Abar      = head_mean_attention_map(q, k, lse)          only when G-WPR or recovery reads it
+    Abar      = head_mean_attention_map(q, k, lse)          when G-WPR or recovery reads it and it pays
     scores    = gwpr_scores(q, k, lse, K, head_reduction)   (B, N) fp32
     scores    = share_cfg_scores(scores, cfg_mask_mode)
     keep      = topk_keep_indices(scores, k)                (B, k) int64 ascending
     src       = recovery_source(keep, N, similarity, Abar)  (B, N) int64 slots into the kept list
+
+Whether Abar is written at all follows ``gwpr.materialize_attention_map`` (by N, H, K and a memory
+budget): at 1024 px it is (67 MB at level 2 in fp16); at 2048 px level 2 it would be 1 GB, so G-WPR and
+the recovery match recompute their map entries from Q, K and lse instead, tile by tile. The map is
+fp16 on the Triton path (values in [0, 1], far from fp16's range limits; bf16 would keep too few bits
+to rank close scores) and fp32 in the PyTorch reference.
 
 The hidden-state work (gather of the kept rows, scatter-recovery of the full stream) happens later in the
 block, where those tensors exist; it only needs ``keep`` and ``src``. Abar is dropped on return, so no
@@ -17,8 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from ._dispatch import resolve_backend
 from .attention_map import head_mean_attention_map
-from .gwpr import gwpr_scores
+from .gwpr import gwpr_scores, materialize_attention_map
 from .recovery import recovery_source
 from .topk_gather import share_cfg_scores, topk_keep_indices
 
@@ -39,11 +46,17 @@ def plan_token_pruning(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(keep_idx (B, k), src (B, N))`` for one block; q, k (B, H, N, d), lse (B, H, N)."""
-    num_tokens = q.shape[2]
-    needs_map = head_reduction == "mean" or similarity in MAP_SIMILARITY_RULES
-    attention_map = head_mean_attention_map(q, k, lse, scale, backend=backend) if needs_map else None
+    batch, num_heads, num_tokens, _ = q.shape
+    reads_map = head_reduction == "mean" or similarity in MAP_SIMILARITY_RULES
+    attention_map = None
+    if reads_map and materialize_attention_map(batch, num_heads, num_tokens, iterations):
+        map_dtype = torch.float16 if resolve_backend(backend, q, k, lse) == "triton" else torch.float32
+        attention_map = head_mean_attention_map(q, k, lse, scale, out_dtype=map_dtype, backend=backend)
     scores = gwpr_scores(q, k, lse, iterations, head_reduction, scale, attention_map, backend=backend)
     scores = share_cfg_scores(scores, cfg_mask_mode)
     keep_idx = topk_keep_indices(scores, num_keep, backend=backend)
-    src = recovery_source(keep_idx, num_tokens, similarity, attention_map=attention_map, keys=k, backend=backend)
+    src = recovery_source(
+        keep_idx, num_tokens, similarity, attention_map=attention_map, keys=k, backend=backend,
+        queries=q, lse=lse, scale=scale,
+    )
     return keep_idx, src

@@ -6,6 +6,7 @@ can be read on its own.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -89,3 +90,114 @@ def pick_device(requested: str | None) -> torch.device:
     if requested:
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# Ceilings measured on the lent GPUs (shared/spec/performance.md): dense bf16/fp16 matmul TFLOP/s, copy
+# TB/s, and Hopper's special-function (exp) rate in T/s.
+DEVICE_CEILINGS = {
+    "H100": {"tflops": 800.0, "tbps": 3.0, "texps": 3.9},
+    "H200": {"tflops": 790.0, "tbps": 4.3, "texps": 3.9},
+}
+
+
+def device_ceilings(device: torch.device | str) -> dict | None:
+    """The ceilings of the GPU behind ``device``, or None where none were measured (CPU, other GPUs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((ceilings for key, ceilings in DEVICE_CEILINGS.items() if key in name), None)
+
+
+def floor_ms(ceilings: dict | None, flops: float = 0.0, bytes_moved: float = 0.0, exps: float = 0.0) -> float | None:
+    """Physical floor of a kernel in ms: the slowest of its matmul, memory and exp work at the ceilings
+    (the three units run concurrently, so the floor is their maximum, not their sum)."""
+    if ceilings is None:
+        return None
+    seconds = max(flops / (ceilings["tflops"] * 1e12), bytes_moved / (ceilings["tbps"] * 1e12),
+                  exps / (ceilings["texps"] * 1e12))
+    return seconds * 1e3
+
+
+def rotating(input_sets: list) -> Callable[[], object]:
+    """Each call returns the next of several input sets, so repeated timing does not run out of a warm L2."""
+    state = {"i": -1}
+
+    def next_inputs():
+        state["i"] = (state["i"] + 1) % len(input_sets)
+        return input_sets[state["i"]]
+
+    return next_inputs
+
+
+def kernel_bench_args(description: str, default_out: str) -> argparse.Namespace:
+    """The command line every kernel benchmark takes: --quick, --out, --device, --dtype."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced shapes; on a machine without CUDA only the PyTorch providers run")
+    parser.add_argument("--out", default=str(RESULTS_DIR / default_out), help="CSV to append rows to")
+    parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                        help="input dtype (default: float16 on CUDA, float32 on the CPU)")
+    args = parser.parse_args()
+    args.device = pick_device(args.device)
+    if args.device.type != "cuda" and not args.quick:
+        raise SystemExit(
+            f"{parser.prog}: no CUDA device, and the Triton kernels and the SDXL shapes need one. Run with --quick "
+            "to time the PyTorch providers at a reduced size on the CPU."
+        )
+    default_dtype = "float16" if args.device.type == "cuda" else "float32"
+    args.dtype = getattr(torch, args.dtype or default_dtype)
+    return args
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """A short Markdown table of the chosen columns (floats to 3 significant digits)."""
+    def cell(value):
+        return f"{value:.3g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(column)) for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def time_providers(
+    providers: dict[str, Callable[[], object]],
+    device: torch.device,
+    flops: float = 0.0,
+    bytes_moved: float = 0.0,
+    exps: float = 0.0,
+    phases: list[dict] | None = None,
+    **columns,
+) -> list[dict]:
+    """Time each provider and return one CSV row each: ``columns`` (op, shape, ...), ms with quartiles,
+    achieved TFLOP/s and GB/s of the op's own work (``flops``, ``bytes_moved``: the same for every
+    provider, so the numbers compare), its floor and the percentage of the floor reached. ``phases``
+    (dicts of flops/bytes_moved/exps) describes work done one phase after another: the floor is then
+    the sum of the phases' floors. The first call runs outside the timing (torch.compile and Triton
+    autotuning happen there). A provider that fails (out of memory, a compiler error) gets a row with
+    the error instead of stopping the run."""
+    ceilings = device_ceilings(device)
+    if phases is None:
+        floor = floor_ms(ceilings, flops, bytes_moved, exps)
+    else:
+        floor = None if ceilings is None else sum(floor_ms(ceilings, **phase) for phase in phases)
+    rows = []
+    for provider, fn in providers.items():
+        row = {**columns, "provider": provider, "ms": None, "ms_q20": None, "ms_q80": None, "tflops": None,
+               "gbps": None, "floor_ms": floor, "pct_of_floor": None, "error": ""}
+        try:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            row.update(time_ms(fn, device))
+        except Exception as exc:  # noqa: BLE001 - reported in the row, the other providers still run
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            print(f"  {provider}: {row['error']}")
+        else:
+            seconds = row["ms"] / 1e3
+            row["tflops"] = flops / seconds / 1e12 if flops else None
+            row["gbps"] = bytes_moved / seconds / 1e9 if bytes_moved else None
+            row["pct_of_floor"] = 100.0 * floor / row["ms"] if floor else None
+        rows.append({**row, **environment_info(device)})
+    return rows

@@ -1,0 +1,103 @@
+"""head_mean_attention_map: the reference against per-head softmax, the Triton kernel against the reference.
+
+Map entries are probabilities of size about 1/Nk, so comparisons scale them by Nk: the dtype tolerances
+then apply to O(1) numbers, as they do for the other ops. On a GPU run ``TRITON_INTERPRET=0``.
+"""
+
+import pytest
+import torch
+from conftest import requires_cuda
+from tolerances import tol
+
+from atedm_kernels import attention_with_lse_ref, head_mean_attention_map, head_mean_attention_map_ref
+from atedm_kernels.attention_map import _head_mean_attention_map_launch, map_query_block
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=requires_cuda)]
+
+
+def _q_k_lse(batch, heads, n_q, n_k, head_dim, dtype=torch.float32, scale=None):
+    q = torch.randn(batch, heads, n_q, head_dim, device=DEVICE).to(dtype)
+    k = torch.randn(batch, heads, n_k, head_dim, device=DEVICE).to(dtype)
+    _, lse = attention_with_lse_ref(q, k, k, scale)
+    return q, k, lse
+
+
+def _map_tol(dtype, out_dtype):
+    """The coarser of the input and the storage dtype: fp16 storage alone flips last bits (1e-3 relative)."""
+    return max(tol(dtype), tol(out_dtype), key=lambda t: t["atol"])
+
+
+def test_reference_is_the_head_mean_of_softmax():
+    q, k, lse = _q_k_lse(2, 3, 21, 34, 16, scale=0.4)
+    abar = head_mean_attention_map_ref(q, k, lse, scale=0.4)
+    per_head = torch.softmax(torch.matmul(q.double(), k.double().transpose(-1, -2)) * 0.4, dim=-1)
+    torch.testing.assert_close(abar.double(), per_head.mean(dim=1), **tol(torch.float32))
+    torch.testing.assert_close(abar.sum(dim=-1), torch.ones(2, 21, device=DEVICE), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "batch, heads, n_q, n_k, head_dim",
+    [
+        (1, 1, 1, 1, 16),
+        (2, 3, 50, 70, 64),  # ragged tiles on both axes, Nq != Nk
+        (1, 2, 64, 96, 32),  # whole tiles only
+        (2, 2, 33, 45, 40),  # padded head dim
+    ],
+)
+def test_triton_matches_reference(dtype, out_dtype, batch, heads, n_q, n_k, head_dim):
+    q, k, lse = _q_k_lse(batch, heads, n_q, n_k, head_dim, dtype)
+    abar = torch.full((batch, n_q, n_k), float("nan"), dtype=out_dtype, device=DEVICE)
+    _, partials = _head_mean_attention_map_launch(q, k, lse, head_dim**-0.5, out_dtype, column_sums=True, out=abar)
+    assert torch.isfinite(abar).all(), "kernel left poisoned elements unwritten"
+    ref = head_mean_attention_map_ref(q, k, lse, out_dtype=out_dtype)
+    torch.testing.assert_close(abar.float() * n_k, ref.float() * n_k, **_map_tol(dtype, out_dtype))
+
+    # The by-product: one row of column sums per query block, summing to Abar's column sums.
+    assert partials.shape == (batch, -(-n_q // map_query_block()), n_k)
+    ref_column_sums = head_mean_attention_map_ref(q, k, lse).sum(dim=1)
+    torch.testing.assert_close(partials.sum(dim=1) * n_k / n_q, ref_column_sums * n_k / n_q, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_triton_path_with_diffusers_layout_and_scale(dtype):
+    batch, n, heads, head_dim = 2, 41, 3, 16
+    q, k = (torch.randn(batch, n, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2) for _ in range(2))
+    _, lse = attention_with_lse_ref(q, k, k, scale=0.3)
+    abar = head_mean_attention_map(q, k, lse, scale=0.3, out_dtype=torch.float16, backend="triton")
+    ref = head_mean_attention_map_ref(q, k, lse, scale=0.3, out_dtype=torch.float16)
+    assert abar.shape == (batch, n, n) and abar.dtype == torch.float16
+    torch.testing.assert_close(abar.float() * n, ref.float() * n, **_map_tol(dtype, torch.float16))
+
+
+def test_bad_shapes_raise():
+    q, k, lse = _q_k_lse(1, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match="lse must be"):
+        head_mean_attention_map(q, k, lse[:, :1], backend="triton")
+    with pytest.raises(ValueError, match="q and k must be"):
+        head_mean_attention_map(q, k[..., :8], lse, backend="triton")
+    with pytest.raises(ValueError, match="q and k must be"):
+        head_mean_attention_map(q[0], k[0], lse[0], backend="triton")
+
+
+def test_custom_op_keeps_a_compiled_caller_in_one_graph():
+    def most_attended(q, k, lse):
+        return head_mean_attention_map(q, k, lse, out_dtype=torch.float16, backend="triton").float().sum(dim=1)
+
+    q, k, lse = _q_k_lse(1, 2, 20, 20, 16)
+    explanation = torch._dynamo.explain(most_attended)(q, k, lse)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_fake_impl_gives_shape_and_dtype():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 10, 16, dtype=torch.bfloat16)
+        k = torch.empty(2, 3, 12, 16, dtype=torch.bfloat16)
+        lse = torch.empty(2, 3, 10)
+        abar = torch.ops.atedm.head_mean_attention_map(q, k, lse, 0.25, torch.float16)
+    assert abar.shape == (2, 10, 12) and abar.dtype == torch.float16
