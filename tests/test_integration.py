@@ -195,11 +195,52 @@ def test_diffusers_version_range_is_enforced():
         check_diffusers_version("0.50.0")
 
 
-def test_triton_backend_matches_torch_backend_end_to_end(unet):
+TRITON_ENTRY_POINTS = [
+    ("atedm_kernels.attention_lse", "_attention_with_lse_triton"),
+    ("atedm_kernels.attention_map", "_head_mean_attention_map_triton"),
+    ("atedm_kernels.gwpr", "_gwpr_scores_triton"),
+    ("atedm_kernels.topk_gather", "_topk_keep_indices_triton"),
+    ("atedm_kernels.topk_gather", "_gather_tokens_triton"),
+    ("atedm_kernels.recovery", "_recovery_source_triton"),
+    ("atedm_kernels.recovery", "_scatter_recover_triton"),
+]
+
+
+def test_triton_backend_matches_torch_backend_end_to_end(unet, monkeypatch):
+    import importlib
+
     inputs = unet_inputs(batch=2)
     atedm.apply(unet, prune_ratio=0.63, dsap_fraction=0.0, backend="torch")
     expected = run_unet(unet, inputs)
+
+    launches = {}
+    for module_name, function_name in TRITON_ENTRY_POINTS:
+        module = importlib.import_module(module_name)
+        original = getattr(module, function_name)
+
+        def spy(*args, _original=original, _name=function_name, **kwargs):
+            launches[_name] = launches.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, function_name, spy)
     atedm.apply(unet, prune_ratio=0.63, dsap_fraction=0.0, backend="triton")
     got = run_unet(unet, inputs)
     assert atedm.get_state(unet).pruned_calls == 11
+    # Every kernel ran in every block, but the map build, which materialize_attention_map skips where
+    # recomputing is cheaper (the 4-head blocks here).
+    built = launches.pop("_head_mean_attention_map_triton", 0)
+    assert 1 <= built <= 11
+    assert launches == {name: 11 for _, name in TRITON_ENTRY_POINTS if name != "_head_mean_attention_map_triton"}
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_patched_unet_compiles_to_one_graph(unet, backend):
+    """With the phase fixed (atedm.set_phase), nothing in the patch breaks a torch.compile graph: the
+    hooks only touch Python state and the kernels are opaque custom ops."""
+    atedm.apply(unet, "c", backend=backend)
+    atedm.set_phase(unet, "late")
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(unet)(**unet_inputs(batch=2))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert atedm.get_state(unet).pruned_calls == 11
