@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from atedm_kernels import BACKENDS, CFG_MASK_MODES, HEAD_REDUCTIONS, SIMILARITY_RULES
+from atedm_kernels.prune_plan import RANKINGS
 
 PRUNE_MODES = ("once", "every_layer")
 
@@ -36,6 +37,8 @@ class ATEDMConfig:
         cfg_mask_mode: ``"per_sample"`` ranks each image of the batch on its own map;
             ``"shared_cond"`` applies the conditional half's mask to both CFG halves (needs an even
             batch laid out [uncond, cond], as diffusers' pipelines do).
+        ranking: ``"gwpr"`` (AT-EDM) or ``"random"``: uniform noise instead of G-WPR, the ablation
+            baseline that measures what the ranking is worth at the same FLOPs.
         similarity: how a pruned token picks the kept token it copies before the convolutions:
             ``"attention"`` (Abar[i, j], the paper's), ``"attention_transposed"`` (Abar[j, i]),
             ``"symmetric"`` (their sum) or ``"key_cosine"`` (cosine of the layer's keys).
@@ -58,6 +61,7 @@ class ATEDMConfig:
     head_reduction: str = "mean"
     cfg_mask_mode: str = "per_sample"
     similarity: str = "attention"
+    ranking: str = "gwpr"
     prune_levels: tuple[int, ...] | None = None
     prune_mode: str = "once"
     dsap_fraction: float = 0.1
@@ -74,6 +78,7 @@ class ATEDMConfig:
         _check_choice("head_reduction", self.head_reduction, HEAD_REDUCTIONS)
         _check_choice("cfg_mask_mode", self.cfg_mask_mode, CFG_MASK_MODES)
         _check_choice("similarity", self.similarity, SIMILARITY_RULES)
+        _check_choice("ranking", self.ranking, RANKINGS)
         _check_choice("prune_mode", self.prune_mode, PRUNE_MODES)
         _check_choice("backend", self.backend, BACKENDS)
         if isinstance(self.dsap_fraction, bool) or not isinstance(self.dsap_fraction, (int, float)) or not 0.0 <= self.dsap_fraction <= 1.0:

@@ -78,6 +78,7 @@ class PruningSelfAttnProcessor:
                 head_reduction=config.head_reduction,
                 cfg_mask_mode=config.cfg_mask_mode,
                 similarity=config.similarity,
+                ranking=config.ranking,
                 scale=attn.scale,
                 backend=config.backend,
             )

@@ -30,6 +30,9 @@ from .recovery import recovery_source
 from .topk_gather import share_cfg_scores, topk_keep_indices
 
 MAP_SIMILARITY_RULES = ("attention", "attention_transposed", "symmetric")
+# "random" ranks tokens by uniform noise from torch's global generator: the ablation baseline that tells
+# what G-WPR's ranking is worth at the same budget (recovery still uses the chosen similarity).
+RANKINGS = ("gwpr", "random")
 
 
 def plan_token_pruning(
@@ -42,17 +45,24 @@ def plan_token_pruning(
     head_reduction: str = "mean",
     cfg_mask_mode: str = "per_sample",
     similarity: str = "attention",
+    ranking: str = "gwpr",
     scale: float | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(keep_idx (B, k), src (B, N))`` for one block; q, k (B, H, N, d), lse (B, H, N)."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; expected one of {RANKINGS}")
     batch, num_heads, num_tokens, _ = q.shape
-    reads_map = head_reduction == "mean" or similarity in MAP_SIMILARITY_RULES
+    walks_map = ranking == "gwpr" and head_reduction == "mean"
+    reads_map = walks_map or similarity in MAP_SIMILARITY_RULES
     attention_map = None
     if reads_map and materialize_attention_map(batch, num_heads, num_tokens, iterations):
         map_dtype = torch.float16 if resolve_backend(backend, q, k, lse) == "triton" else torch.float32
         attention_map = head_mean_attention_map(q, k, lse, scale, out_dtype=map_dtype, backend=backend)
-    scores = gwpr_scores(q, k, lse, iterations, head_reduction, scale, attention_map, backend=backend)
+    if ranking == "gwpr":
+        scores = gwpr_scores(q, k, lse, iterations, head_reduction, scale, attention_map, backend=backend)
+    else:
+        scores = torch.rand(batch, num_tokens, device=q.device)
     scores = share_cfg_scores(scores, cfg_mask_mode)
     keep_idx = topk_keep_indices(scores, num_keep, backend=backend)
     src = recovery_source(

@@ -121,7 +121,8 @@ def test_every_layer_mode_prunes_after_each_layer_but_the_last(unet):
 @pytest.mark.parametrize(
     "overrides",
     [dict(head_reduction="rms"), dict(similarity="attention_transposed"), dict(similarity="symmetric"),
-     dict(similarity="key_cosine"), dict(cfg_mask_mode="shared_cond"), dict(gwpr_iterations=1)],
+     dict(similarity="key_cosine"), dict(cfg_mask_mode="shared_cond"), dict(gwpr_iterations=1),
+     dict(ranking="random")],
 )
 def test_every_switch_runs_the_pruned_path(unet, overrides):
     atedm.apply(unet, prune_ratio=0.63, dsap_fraction=0.0, **overrides)
@@ -148,6 +149,8 @@ def test_bad_input_raises_clear_errors(unet):
         atedm.apply(unet, "e")
     with pytest.raises(ValueError, match="similarity"):
         atedm.apply(unet, similarity="euclid")
+    with pytest.raises(ValueError, match="ranking"):
+        atedm.apply(unet, ranking="pagerank")
     with pytest.raises(ValueError, match="head_reduction"):
         atedm.apply(unet, head_reduction="max")
     with pytest.raises(ValueError, match="backend"):
