@@ -21,9 +21,13 @@ setup(
         "packaging",
     ],
     extras_require={
-        # transformers builds the text encoders of the tiny SDXL pipeline the tests save and load.
+        # transformers builds the text encoders of real pipelines and of the tiny one the tests save.
         "pipeline": ["transformers>=4.40", "accelerate"],
-        "dev": ["pytest>=8", "hypothesis", "transformers>=4.40"],
+        # The COCO FID/CLIP harness's default feature extractors (both pull torchvision).
+        "eval": ["clean-fid", "open_clip_torch", "scipy", "matplotlib"],
+        # The fidelity benchmark on the small trained UNet, and the ToMe baseline.
+        "fidelity": ["scikit-learn", "tomesd", "matplotlib"],
+        "dev": ["pytest>=8", "hypothesis", "transformers>=4.40", "scipy", "scikit-learn", "tomesd", "matplotlib"],
     },
     entry_points={"console_scripts": ["atedm=atedm.cli:main"]},
 )
