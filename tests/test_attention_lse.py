@@ -115,3 +115,13 @@ def test_fake_impl_gives_shapes_and_dtypes():
         out, lse = torch.ops.atedm.attention_with_lse(q, k, v, 0.25)
     assert out.shape == (2, 3, 10, 16) and out.dtype == torch.float16
     assert lse.shape == (2, 3, 10) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_on_cpu_matches_the_reference(dtype):
+    """backend='torch' on CPU tensors runs PyTorch's fused CPU attention; it must agree with the spec."""
+    q, k, v = (torch.randn(2, 3, 77, 32).to(dtype).transpose(1, 2).contiguous().transpose(1, 2) for _ in range(3))
+    out, lse = attention_with_lse(q, k, v, scale=0.2, backend="torch")
+    ref_out, ref_lse = attention_with_lse_ref(q, k, v, scale=0.2)
+    torch.testing.assert_close(out.float(), ref_out.float(), **tol(dtype))
+    torch.testing.assert_close(lse, ref_lse, **tol(torch.float32))
