@@ -6,15 +6,16 @@ Defaults follow the paper where it is explicit and ``shared/spec/method.md`` whe
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from atedm_kernels import BACKENDS, CFG_MASK_MODES, HEAD_REDUCTIONS, SIMILARITY_RULES
 from atedm_kernels.prune_plan import RANKINGS
 
 PRUNE_MODES = ("once", "every_layer")
 
-# The published early-phase list: the first attention block of each down stage and the last of each
-# up stage stay unpruned while the attention maps are still noisy.
+# The published early-phase list for SDXL: the first attention block of each down stage and the last of
+# each up stage stay unpruned while the attention maps are still noisy. ``dsap_blocks=None`` applies the
+# same rule to whatever UNet is patched (``dsap_block_names``), which gives exactly these four on SDXL.
 SDXL_DSAP_BLOCKS = (
     "down_blocks.1.attentions.0",
     "down_blocks.2.attentions.0",
@@ -49,7 +50,9 @@ class ATEDMConfig:
             points); ``"every_layer"`` prunes again after every later layer but the last, each time
             ``prune_ratio`` of the tokens still present, and recovery composes the copies.
         dsap_fraction: the share of denoising steps that form DSAP's early phase (0 disables DSAP).
-        dsap_blocks: attention blocks (module names inside the UNet) that prune less in the early phase.
+        dsap_blocks: attention blocks (module names inside the UNet) that prune less in the early phase;
+            ``None`` (default) takes the published rule: the first attention block of every down stage
+            and the last of every up stage (on SDXL: ``SDXL_DSAP_BLOCKS``).
         dsap_early_ratio: the prune ratio of ``dsap_blocks`` in the early phase; ``None`` leaves them
             unpruned, as published.
         backend: ``"auto"`` (Triton kernels on CUDA, PyTorch references elsewhere), ``"torch"`` or
@@ -65,7 +68,7 @@ class ATEDMConfig:
     prune_levels: tuple[int, ...] | None = None
     prune_mode: str = "once"
     dsap_fraction: float = 0.1
-    dsap_blocks: tuple[str, ...] = field(default=SDXL_DSAP_BLOCKS)
+    dsap_blocks: tuple[str, ...] | None = None
     dsap_early_ratio: float | None = None
     backend: str = "auto"
 
@@ -88,9 +91,10 @@ class ATEDMConfig:
             if not all(isinstance(level, int) and level >= 1 for level in levels):
                 raise ValueError(f"prune_levels must be None or positive ints (1 = full resolution); got {self.prune_levels!r}")
             object.__setattr__(self, "prune_levels", levels)
-        if isinstance(self.dsap_blocks, str) or not all(isinstance(name, str) for name in self.dsap_blocks):
-            raise ValueError(f"dsap_blocks must be a sequence of module names; got {self.dsap_blocks!r}")
-        object.__setattr__(self, "dsap_blocks", tuple(self.dsap_blocks))
+        if self.dsap_blocks is not None:
+            if isinstance(self.dsap_blocks, str) or not all(isinstance(name, str) for name in self.dsap_blocks):
+                raise ValueError(f"dsap_blocks must be None or a sequence of module names; got {self.dsap_blocks!r}")
+            object.__setattr__(self, "dsap_blocks", tuple(self.dsap_blocks))
 
     def replace(self, **overrides) -> "ATEDMConfig":
         """A copy with some fields changed; unknown field names raise a TypeError naming them."""

@@ -147,10 +147,23 @@ def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig) -> dict[str, B
             f"least two transformer layers (at prune_levels={config.prune_levels}); this UNet has "
             f"{ {n: len(m.transformer_blocks) for n, m in attention_blocks.items()} or 'none'}"
         )
-    unknown = sorted(set(config.dsap_blocks) - set(attention_blocks))
-    if unknown and config.dsap_fraction > 0:
-        raise ValueError(f"dsap_blocks {unknown} are not attention blocks of this UNet; it has {sorted(attention_blocks)}")
+    if config.dsap_blocks is not None:
+        unknown = sorted(set(config.dsap_blocks) - set(attention_blocks))
+        if unknown and config.dsap_fraction > 0:
+            raise ValueError(f"dsap_blocks {unknown} are not attention blocks of this UNet; it has {sorted(attention_blocks)}")
     return blocks
+
+
+def dsap_block_names(unet: UNet2DConditionModel) -> tuple[str, ...]:
+    """The published DSAP rule on any UNet: the first attention block of every down stage and the last
+    of every up stage (SDXL: down_blocks.1/2.attentions.0, up_blocks.0/1.attentions.2)."""
+    names = []
+    for stage_list, pick in (("down_blocks", 0), ("up_blocks", -1)):
+        for index, stage in enumerate(getattr(unet, stage_list)):
+            attentions = getattr(stage, "attentions", None)
+            if attentions:
+                names.append(f"{stage_list}.{index}.attentions.{len(attentions) - 1 if pick else 0}")
+    return tuple(names)
 
 
 def _install(unet: UNet2DConditionModel, state: ATEDMState) -> list:
@@ -228,7 +241,7 @@ def apply(pipe_or_unet, config: ATEDMConfig | str | None = None, **overrides):
     blocks = _find_blocks(unet, config)
     if current is not None:
         remove(unet)
-    state = ATEDMState(config, blocks)
+    state = ATEDMState(config, blocks, dsap_blocks=config.dsap_blocks or dsap_block_names(unet))
     state.pipeline = pipe
     scheduler_config = getattr(getattr(pipe, "scheduler", None), "config", None)
     state.num_train_timesteps = int(getattr(scheduler_config, "num_train_timesteps", 1000) or 1000)

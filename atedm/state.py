@@ -45,9 +45,10 @@ class BlockState:
 class ATEDMState:
     """Per-UNet state: config, blocks, the DSAP phase and the statistics of the patched path."""
 
-    def __init__(self, config: ATEDMConfig, blocks: dict[str, BlockState]):
+    def __init__(self, config: ATEDMConfig, blocks: dict[str, BlockState], dsap_blocks: tuple[str, ...] = ()):
         self.config = config
         self.blocks = blocks
+        self.dsap_blocks = frozenset(dsap_blocks)  # resolved for this UNet (config.dsap_blocks may be None)
         # Where the step index comes from, best first: an explicit phase, an explicit schedule, the
         # scheduler of the pipeline that owns the UNet, the timestep alone (see ``resolve_phase``).
         self.phase_override: str | None = None
@@ -114,6 +115,6 @@ class ATEDMState:
 
     def ratio_for(self, block: BlockState) -> float | None:
         """The prune ratio of ``block`` in the current phase, or None when it runs in full."""
-        if self.phase == "early" and block.name in self.config.dsap_blocks:
+        if self.phase == "early" and block.name in self.dsap_blocks:
             return self.config.dsap_early_ratio
         return self.config.prune_ratio

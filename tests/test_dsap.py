@@ -71,6 +71,13 @@ def test_dsap_early_ratio_prunes_the_dsap_blocks_less(unet):
     assert blocks["down_blocks.1.attentions.1"].kept_tokens == (16,)  # 75% pruned
 
 
+def test_default_dsap_blocks_are_the_published_four_on_sdxl(unet):
+    from atedm.config import SDXL_DSAP_BLOCKS
+
+    atedm.apply(unet)
+    assert atedm.get_state(unet).dsap_blocks == frozenset(SDXL_DSAP_BLOCKS) == frozenset(DSAP_BLOCKS)
+
+
 def test_bare_unet_uses_the_timestep_alone(unet):
     atedm.apply(unet, dsap_fraction=0.2)
     state = atedm.get_state(unet)

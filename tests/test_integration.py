@@ -247,3 +247,22 @@ def test_patched_unet_compiles_to_one_graph(unet, backend):
     explained = torch._dynamo.explain(unet)(**unet_inputs(batch=2))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     assert atedm.get_state(unet).pruned_calls == 11
+
+
+def test_refiner_shaped_unet_derives_its_dsap_blocks_and_prunes():
+    """The SDXL refiner's layout (four levels, attention at the middle two, no attention in the first
+    up stage): the default config must work there too, with the published DSAP rule applied."""
+    refiner = tiny_sdxl_unet(
+        block_out_channels=[32, 64, 64, 64],
+        attention_head_dim=[1, 2, 4, 4],
+        transformer_layers_per_block=2,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    )
+    atedm.apply(refiner, "c")
+    state = atedm.get_state(refiner)
+    assert state.dsap_blocks == {"down_blocks.1.attentions.0", "down_blocks.2.attentions.0",
+                                 "up_blocks.1.attentions.2", "up_blocks.2.attentions.2"}
+    assert state.blocks["up_blocks.1.attentions.0"].level == 3 and state.blocks["up_blocks.2.attentions.0"].level == 2
+    out = run_unet(refiner, unet_inputs(batch=2, height=16, width=16))
+    assert torch.isfinite(out).all() and state.pruned_calls == len(state.blocks)
