@@ -1,0 +1,24 @@
+"""The end-to-end benchmarks run (tiny UNet, tiny size): every kind of row and the overhead breakdown."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_sdxl_step_runs_every_kind_of_row(tmp_path):
+    out = tmp_path / "step.csv"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_sdxl_step", "--tiny", "--height", "64", "--width", "64",
+         "--repeats", "1", "--configs", "full,c,dagger,c-ref,tomesd-0.5", "--out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    )
+    rows = list(csv.DictReader(out.open()))
+    assert [row["config"] for row in rows] == ["full", "c", "dagger", "c-ref", "tomesd-0.5"]
+    by_name = {row["config"]: row for row in rows}
+    assert float(by_name["full"]["speedup"]) == 1.0
+    assert float(by_name["c"]["tflops_per_step"]) < float(by_name["dagger"]["tflops_per_step"]) < float(by_name["full"]["tflops_per_step"])
+    assert float(by_name["c"]["overhead_ms"]) > 0 and 0 < float(by_name["c"]["overhead_share"]) < 1
+    assert by_name["tomesd-0.5"]["overhead_ms"] == ""  # the breakdown is AT-EDM's only
