@@ -22,3 +22,15 @@ def test_bench_sdxl_step_runs_every_kind_of_row(tmp_path):
     assert float(by_name["c"]["tflops_per_step"]) < float(by_name["dagger"]["tflops_per_step"]) < float(by_name["full"]["tflops_per_step"])
     assert float(by_name["c"]["overhead_ms"]) > 0 and 0 < float(by_name["c"]["overhead_share"]) < 1
     assert by_name["tomesd-0.5"]["overhead_ms"] == ""  # the breakdown is AT-EDM's only
+
+
+def test_bench_generation_runs_a_whole_denoising_loop(tmp_path):
+    out = tmp_path / "generation.csv"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_generation", "--tiny", "--height", "64", "--width", "64",
+         "--steps", "4", "--repeats", "1", "--configs", "full,c,tomesd-0.5", "--out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    )
+    rows = list(csv.DictReader(out.open()))
+    assert [(row["config"], row["steps"]) for row in rows] == [("full", "4"), ("c", "4"), ("tomesd-0.5", "4")]
+    assert all(float(row["seconds"]) > 0 for row in rows) and float(rows[0]["speedup"]) == 1.0
