@@ -24,7 +24,7 @@ setup(
         # transformers builds the text encoders of real pipelines and of the tiny one the tests save.
         "pipeline": ["transformers>=4.40", "accelerate"],
         # The COCO FID/CLIP harness's default feature extractors (both pull torchvision).
-        "eval": ["clean-fid", "open_clip_torch", "scipy", "matplotlib"],
+        "eval": ["clean-fid", "open_clip_torch", "scipy", "matplotlib", "tomesd"],
         # The fidelity benchmark on the small trained UNet, and the ToMe baseline.
         "fidelity": ["scikit-learn", "tomesd", "matplotlib"],
         "dev": ["pytest>=8", "hypothesis", "transformers>=4.40", "scipy", "scikit-learn", "tomesd", "matplotlib"],

@@ -34,6 +34,7 @@ from .settings import EvalSettings, MethodConfig, cfg_dirname
 
 MANIFEST = "generation.json"
 TEMP_SUFFIX = ".tmp"
+PROGRESS_EVERY_S = 60.0  # a 5000-image set takes hours on one GPU: a line a minute, not a line a batch
 
 
 @dataclass(frozen=True)
@@ -204,10 +205,13 @@ def generate_images(
                 folder = settings.image_folder(config, scale)
                 folder.mkdir(parents=True, exist_ok=True)
                 remove_stale_temp_files(folder, mine)
-                written_before = summary.written
-                for batch in batches:
+                written_before, last_report = summary.written, time.monotonic()
+                for done, batch in enumerate(batches, start=1):
+                    if progress and time.monotonic() - last_report > PROGRESS_EVERY_S:
+                        last_report = time.monotonic()
+                        print(f"{tag} {config.name} cfg {scale:g}: batch {done} of {len(batches)}", file=sys.stderr)
                     paths = [image_path(settings, config, scale, prompt) for prompt in batch]
-                    missing = [True for path in paths]
+                    missing = [not path.exists() for path in paths]
                     summary.already_there += len(batch) - sum(missing)
                     if not any(missing):
                         continue
