@@ -59,6 +59,12 @@ class PruningSelfAttnProcessor:
             )
         residual = hidden_states
         batch, num_tokens, _ = hidden_states.shape
+        expected = block.grid_tokens if not block.keep else block.keep[-1].shape[1]
+        if expected is not None and num_tokens != expected:
+            raise RuntimeError(
+                f"{block.name}: self-attention saw {num_tokens} tokens where AT-EDM expects {expected}; another "
+                "patch changes the token count inside the block (tomesd?). Use one token-reduction method at a time."
+            )
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
@@ -184,6 +190,7 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> list:
         def block_pre_hook(mod, args, block=block):
             block.clear_call()
             block.active_ratio = state.ratio_for(block)
+            block.grid_tokens = args[0].shape[-2] * args[0].shape[-1] if args and args[0].dim() == 4 else None
 
         def block_post_hook(mod, args, output, block=block):
             block.clear_call()
@@ -238,6 +245,9 @@ def apply(pipe_or_unet, config: ATEDMConfig | str | None = None, **overrides):
         if pipe is not None:
             current.pipeline = pipe
         return pipe_or_unet
+    if any(type(module).__name__ == "ToMeBlock" for module in unet.modules()):
+        raise ValueError("this UNet is patched with tomesd; AT-EDM and ToMe both reduce tokens inside the same "
+                         "blocks and cannot be combined. Call tomesd.remove_patch first.")
     blocks = _find_blocks(unet, config)
     if current is not None:
         remove(unet)

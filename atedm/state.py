@@ -29,6 +29,8 @@ class BlockState:
     pruning_layers: tuple[int, ...]
     # Set by the block's pre-hook for the current call: the ratio it prunes at, or None (runs in full).
     active_ratio: float | None = None
+    # Token count of the block's input grid in this call, to catch another patch changing it.
+    grid_tokens: int | None = None
     # Filled layer by layer during the call: kept indices and recovery sources per pruning layer.
     keep: list[torch.Tensor] = field(default_factory=list)
     src: list[torch.Tensor] = field(default_factory=list)
