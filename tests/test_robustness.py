@@ -105,3 +105,11 @@ def test_inpainting_pipeline_runs_pruned(pipe):
         assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
     finally:
         atedm.remove(inpaint)
+
+
+def test_sd15_style_unets_with_single_layer_blocks_are_refused_clearly():
+    """SD 1.5/2.x attention blocks have one transformer layer: pruning after it saves nothing."""
+    sd15_like = tiny_sdxl_unet(transformer_layers_per_block=1)
+    with pytest.raises(ValueError, match="at least two transformer layers"):
+        atedm.apply(sd15_like)
+    assert atedm.get_state(sd15_like) is None
