@@ -60,3 +60,16 @@ def test_generate_command_writes_an_image(saved_pipeline, tmp_path, capsys):
     with Image.open(out) as image:
         assert image.size == (32, 32)
         assert np.asarray(image).std() > 0
+
+
+def test_several_images_per_prompt(saved_pipeline):
+    pipe, _ = saved_pipeline
+    pipe.set_progress_bar_config(disable=True)
+    atedm.apply(pipe, "c", dsap_fraction=0.0)
+    try:
+        images = pipe(PROMPT, num_images_per_prompt=3, num_inference_steps=2, guidance_scale=5.0, height=32,
+                      width=32, generator=torch.Generator().manual_seed(0), output_type="np").images
+        assert atedm.get_state(pipe).pruned_calls == 2 * 11  # one batched call of 6 per step
+    finally:
+        atedm.remove(pipe)
+    assert images.shape == (3, 32, 32, 3) and np.isfinite(images).all()
