@@ -39,6 +39,12 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must be (B, H, N, d); got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"incompatible q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    # A softmax over no keys has no value (the kernel gave NaN, the reference 0, aten's CPU flash kernel
+    # died with SIGFPE) and d = 0 has no default scale 1 / sqrt(d).
+    if k.shape[2] == 0 or q.shape[-1] == 0:
+        raise ValueError(
+            f"attention needs at least one key and a head dim >= 1; got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device(q=q, k=k, v=v)
@@ -215,7 +221,9 @@ def attention_with_lse(
     _check_qkv(q, k, v)
     if resolve_backend(backend, q, k, v) == "triton":
         return _attention_with_lse_triton(q, k, v, scale)
-    if q.device.type == "cpu":
+    # aten's CPU flash kernel dies with SIGFPE on zero heads or zero queries; the reference returns the
+    # empty result.
+    if q.device.type == "cpu" and q.shape[1] > 0 and q.shape[2] > 0:
         return _attention_with_lse_cpu_flash(q, k, v, scale)
     return attention_with_lse_ref(q, k, v, scale)
 
@@ -228,5 +236,8 @@ def _attention_with_lse_cpu_flash(q, k, v, scale):
     512 px, bf16). Meta tensors (the FLOPs counter) take the reference, which the counter can see.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # The kernel assumes a unit stride along d (SDPA checks that before it dispatches here): a strided d
+    # (a slice with a step, d-major storage) read the wrong elements. Copy only such inputs.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[:2]
     return out, lse

@@ -44,6 +44,10 @@ def _check_qk_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor) -> None:
         raise ValueError(f"q and k must be (B, H, N, d) with matching B, H, d; got {tuple(q.shape)}, {tuple(k.shape)}")
     if lse.shape != q.shape[:3]:
         raise ValueError(f"lse must be (B, H, Nq) = {tuple(q.shape[:3])}; got {tuple(lse.shape)}")
+    # A mean over zero heads is undefined (the Triton launcher divided by zero, the reference gave NaN),
+    # and d = 0 has no default scale 1 / sqrt(d).
+    if q.shape[1] == 0 or q.shape[-1] == 0:
+        raise ValueError(f"q and k need at least one head and a head dim >= 1; got {tuple(q.shape)}")
     check_same_device(q=q, k=k, lse=lse)
 
 

@@ -332,6 +332,8 @@ def gwpr_scores(
     _check_qk_lse(q, k, lse)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"G-WPR needs a square self-attention map; got {q.shape[2]} queries and {k.shape[2]} keys")
+    if q.shape[2] == 0:  # the walk starts from 1 / N
+        raise ValueError("G-WPR needs at least one token")
     if head_reduction not in HEAD_REDUCTIONS:
         raise ValueError(f"unknown head_reduction {head_reduction!r}; expected one of {HEAD_REDUCTIONS}")
     if not isinstance(iterations, int) or iterations < 1:

@@ -432,7 +432,8 @@ def _check_recompute_operands(batch: int, num_tokens: int, queries, keys, lse) -
     if queries is None or keys is None or lse is None:
         raise ValueError(f"recomputing the attention map needs {expected}; missing "
                          + ", ".join(n for n, t in (("queries", queries), ("keys", keys), ("lse", lse)) if t is None))
-    if (queries.dim() != 4 or queries.shape[0] != batch or queries.shape[2] != num_tokens
+    # d = 0 has no default scale 1 / sqrt(d).
+    if (queries.dim() != 4 or queries.shape[0] != batch or queries.shape[2] != num_tokens or queries.shape[3] == 0
             or keys.shape != queries.shape or queries.dtype != keys.dtype or lse.shape != queries.shape[:3]):
         raise ValueError(f"recomputing the attention map needs {expected}; got queries {tuple(queries.shape)} "
                          f"{queries.dtype}, keys {tuple(keys.shape)} {keys.dtype}, lse {tuple(lse.shape)}")
@@ -487,6 +488,9 @@ def scatter_recover(kept: torch.Tensor, src: torch.Tensor, backend: str = "auto"
     """Rebuild the full (B, N, C) stream from kept rows (B, k, C) and the source slots (B, N)."""
     if kept.dim() != 3 or src.dim() != 2 or src.shape[0] != kept.shape[0]:
         raise ValueError(f"expected kept (B, k, C) and src (B, N); got {tuple(kept.shape)} and {tuple(src.shape)}")
+    # With no kept rows every source slot is out of range: the Triton copy read out of bounds (segfault).
+    if kept.shape[1] == 0 and src.shape[1] > 0:
+        raise ValueError(f"kept holds no rows to refill {src.shape[1]} tokens from; got kept {tuple(kept.shape)}")
     check_same_device(kept=kept, src=src)
     if resolve_backend(backend, kept, src) == "triton":
         return _scatter_recover_triton(kept, src)

@@ -244,6 +244,8 @@ def _row_copy_blocks(num_channels: int) -> tuple[int, int, int]:
 def _gather_rows_into(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """out[b, r, :] = src[b, index[b, r], :] for out (B, R, C); shared by gather_tokens and scatter_recover."""
     batch, rows, channels = out.shape
+    if out.numel() == 0:  # C = 0 would make a zero-wide channel block (and a division by zero in the grid)
+        return out
     block_r, block_c, num_warps = _row_copy_blocks(channels)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(channels, block_c), batch)
     _gather_rows_kernel[grid](
@@ -283,6 +285,9 @@ def gather_tokens(x: torch.Tensor, keep_idx: torch.Tensor, backend: str = "auto"
     """The kept rows of the token stream: x (B, N, C), keep_idx (B, k) -> (B, k, C)."""
     if x.dim() != 3 or keep_idx.dim() != 2 or keep_idx.shape[0] != x.shape[0]:
         raise ValueError(f"expected x (B, N, C) and keep_idx (B, k); got {tuple(x.shape)} and {tuple(keep_idx.shape)}")
+    # k distinct tokens out of N: from an empty stream (N = 0) the Triton copy read out of bounds (segfault).
+    if keep_idx.shape[1] > x.shape[1]:
+        raise ValueError(f"keep_idx keeps {keep_idx.shape[1]} tokens of a stream of N={x.shape[1]}")
     check_same_device(x=x, keep_idx=keep_idx)
     if resolve_backend(backend, x, keep_idx) == "triton":
         return _gather_tokens_triton(x, keep_idx)

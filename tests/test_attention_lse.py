@@ -88,6 +88,25 @@ def test_mixed_dtypes_raise():
         attention_with_lse(q.half(), k, v, backend="triton")
 
 
+@pytest.mark.parametrize("n_k, head_dim", [(0, 16), (8, 0)])
+def test_no_keys_or_zero_head_dim_raise(n_k, head_dim):
+    """Found by fuzzing: with no keys the kernel gave NaN, the reference 0 and the CPU flash path SIGFPE;
+    d = 0 divided by zero in the default scale on both backends."""
+    q, k, v = _qkv(1, 2, 5, n_k, head_dim)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="at least one key and a head dim"):
+            attention_with_lse(q, k, v, backend=backend)
+
+
+@pytest.mark.parametrize("heads, n_q", [(0, 5), (2, 0)])
+def test_empty_heads_or_queries_give_empty_results(heads, n_q):
+    """Found by fuzzing: aten's CPU flash kernel (backend='torch' on CPU) died with SIGFPE on these."""
+    q, k, v = _qkv(1, heads, n_q, 7, 16)
+    for backend in ("torch", "triton"):
+        out, lse = attention_with_lse(q, k, v, backend=backend)
+        assert out.shape == q.shape and lse.shape == q.shape[:3]
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.125])
 def test_triton_path_rejects_a_non_positive_scale(scale):
     q, k, v = _qkv(1, 1, 8, 8, 16)
@@ -124,4 +143,17 @@ def test_torch_backend_on_cpu_matches_the_reference(dtype):
     out, lse = attention_with_lse(q, k, v, scale=0.2, backend="torch")
     ref_out, ref_lse = attention_with_lse_ref(q, k, v, scale=0.2)
     torch.testing.assert_close(out.float(), ref_out.float(), **tol(dtype))
+    torch.testing.assert_close(lse, ref_lse, **tol(torch.float32))
+
+
+def test_torch_backend_on_cpu_with_a_strided_head_dim():
+    """Found by fuzzing: aten's fused CPU attention assumes a unit stride along d, so q, k, v sliced with a
+    step along d, or stored d-major, gave wrong outputs and lse."""
+    q = torch.randn(2, 3, 21, 64)[..., ::2]
+    k = torch.randn(2, 32, 21, 3).permute(0, 3, 2, 1)
+    v = torch.randn(2, 3, 32, 21).transpose(2, 3)
+    assert q.stride(-1) != 1 and k.stride(-1) != 1 and v.stride(-1) != 1
+    out, lse = attention_with_lse(q, k, v, backend="torch")
+    ref_out, ref_lse = attention_with_lse_ref(q, k, v)
+    torch.testing.assert_close(out, ref_out, **tol(torch.float32))
     torch.testing.assert_close(lse, ref_lse, **tol(torch.float32))

@@ -82,6 +82,17 @@ def test_bad_shapes_raise():
         head_mean_attention_map(q[0], k[0], lse[0], backend="triton")
 
 
+@pytest.mark.parametrize("heads, head_dim", [(0, 16), (2, 0)])
+def test_zero_heads_or_zero_head_dim_raise(heads, head_dim):
+    """Found by fuzzing: H = 0 divided by zero in the Triton launcher (the reference gave NaN), d = 0 in
+    the default scale on both backends."""
+    q = torch.randn(1, heads, 8, head_dim, device=DEVICE)
+    lse = torch.zeros(1, heads, 8, device=DEVICE)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="at least one head and a head dim"):
+            head_mean_attention_map(q, q, lse, backend=backend)
+
+
 def test_custom_op_keeps_a_compiled_caller_in_one_graph():
     def most_attended(q, k, lse):
         return head_mean_attention_map(q, k, lse, out_dtype=torch.float16, backend="triton").float().sum(dim=1)

@@ -180,6 +180,15 @@ def test_non_square_map_raises():
         gwpr_scores(q, k, lse, 1, backend="triton")
 
 
+@pytest.mark.parametrize("head_reduction", ["mean", "rms"])
+def test_zero_tokens_raise(head_reduction):
+    """Found by fuzzing: N = 0 divided by zero in the uniform start 1 / N on both backends."""
+    q, lse = torch.randn(1, 2, 0, 16, device=DEVICE), torch.zeros(1, 2, 0, device=DEVICE)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="at least one token"):
+            gwpr_scores(q, q, lse, 2, head_reduction, backend=backend)
+
+
 def test_custom_op_keeps_a_compiled_caller_in_one_graph():
     def rank(q, k, lse):
         return gwpr_scores(q, k, lse, 2, "mean", backend="triton") + gwpr_scores(q, k, lse, 2, "rms", backend="triton")

@@ -264,6 +264,29 @@ def test_validation_errors():
         scatter_recover(torch.randn(1, 2, 3), torch.zeros(2, 5, dtype=torch.int64))
 
 
+def test_scatter_rejects_an_empty_kept_list():
+    """Found by fuzzing: refilling N > 0 tokens from k = 0 kept rows read out of bounds (segfault)."""
+    kept, src = torch.randn(2, 0, 8, device=DEVICE), torch.zeros(2, 5, dtype=torch.int64, device=DEVICE)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="kept holds no rows"):
+            scatter_recover(kept, src, backend=backend)
+
+
+def test_scatter_kernel_with_zero_channels():
+    """Found by fuzzing: C = 0 made a zero-wide channel block, a ZeroDivisionError in the launch grid."""
+    kept, src = torch.randn(2, 3, 0, device=DEVICE), torch.randint(0, 3, (2, 9), device=DEVICE)
+    assert scatter_recover(kept, src, backend="triton").shape == (2, 9, 0)
+
+
+def test_recompute_rejects_zero_head_dim():
+    """Found by fuzzing: d = 0 divided by zero in the default scale 1 / sqrt(d) on both backends."""
+    keep, lse = torch.tensor([[0, 3]], device=DEVICE), torch.zeros(1, 2, 5, device=DEVICE)
+    q = torch.randn(1, 2, 5, 0, device=DEVICE)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="recomputing the attention map needs"):
+            recovery_source(keep, 5, "attention", queries=q, keys=q, lse=lse, backend=backend)
+
+
 # ---------------------------------------------------------------- opaque to torch.compile
 
 

@@ -182,6 +182,21 @@ def test_gather_validation_errors():
         gather_tokens(x, keep[:1])
 
 
+def test_gather_rejects_more_kept_rows_than_tokens():
+    """Found by fuzzing: gathering from an empty stream (N = 0) read out of bounds and killed the process."""
+    keep = torch.zeros(2, 3, dtype=torch.int64, device=DEVICE)
+    for x in (torch.randn(2, 0, 4, device=DEVICE), torch.randn(2, 2, 4, device=DEVICE)):
+        for backend in ("torch", "triton"):
+            with pytest.raises(ValueError, match="keeps 3 tokens of a stream of N="):
+                gather_tokens(x, keep, backend=backend)
+
+
+def test_gather_kernel_with_zero_channels():
+    """Found by fuzzing: C = 0 made a zero-wide channel block, a ZeroDivisionError in the launch grid."""
+    x, keep = torch.randn(2, 10, 0, device=DEVICE), topk_keep_indices_ref(torch.randn(2, 10, device=DEVICE), 4)
+    assert gather_tokens(x, keep, backend="triton").shape == (2, 4, 0)
+
+
 @requires_cuda
 def test_gather_kernel_bf16_on_cuda():
     x = torch.randn(2, 4096, 640, device="cuda", dtype=torch.bfloat16)

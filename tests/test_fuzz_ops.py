@@ -1,0 +1,1078 @@
+"""Kernels under fuzzing: every op's Triton path against its PyTorch reference, on inputs hypothesis draws.
+
+What varies. Shapes (batch 1..3, heads 1..4, N from 1 to 300 with the tile edges 31/32/33, 63/64/65, ...,
+head dims 16/32/40/64, channels, k from 1 to N); memory layouts of every input and of the poisoned outputs
+the launchers accept (permuted storage such as diffusers' (B, N, H, d).transpose(1, 2), slices with a step
+and an offset, batch or head dims expanded to stride 0); dtypes fp32 and fp16, plus bf16 on CUDA only (the
+interpreter computes garbage in bf16); the softmax scale and the query magnitude (peaky softmaxes); G-WPR
+iterations 1..4 with both head reductions, over a given map, building one, or recomputing; every recovery
+similarity rule, from a map and recomputed from Q, K and lse; the tile sizes that launchers choose in
+Python (top-k, gather, recovery match); CFG mask modes, through top-k and through the whole
+``plan_token_pruning`` chain. Also: ``num_kept_tokens`` (k in [1, N], monotone), bad shapes (a ValueError on
+both backends, before any launch), empty dims (a ValueError or the reference's result, never a crash), and
+the CPU ``backend="torch"`` attention (aten's fused kernel) against the reference.
+
+How a property fails. Discrete outputs (indices, copies) must be equal. Top-k compares exact fp32 keys and
+the map match adds the same fp32 values as the reference, so both must agree even on ties; the recompute
+and key-cosine matches round differently from the reference, so they are compared on the rows whose best
+kept match beats the runner-up by a safe relative margin (the rest are near ties, counted as an event),
+and the whole plan (fp16 map against the reference's fp32) moves the keep count off near ties of the
+reference scores. Floating outputs use ``tests/tolerances.py``, scaled to O(1) numbers where the op's
+values are ~1/N. Outputs written through ``out=`` start poisoned (NaN, or -1 for indices), must be fully
+written, and the storage around a strided output view must stay untouched. Input storage gaps hold NaN, so
+a read outside a view shows up as a wrong result.
+
+Budget. Every property runs ``ATEDM_FUZZ_EXAMPLES`` examples (default 15), derandomized so CI sees the same
+examples on every run; an interpreter cost model (``WORK_CAP``) bounds the shapes so that the file runs in
+under a minute on 2 CPU cores. By hand, a larger budget, a fresh stream, or a chosen reproducible one::
+
+    ATEDM_FUZZ_EXAMPLES=500 python -m pytest tests/test_fuzz_ops.py --hypothesis-show-statistics
+    ATEDM_FUZZ_SEED=random ATEDM_FUZZ_EXAMPLES=200 python -m pytest tests/test_fuzz_ops.py
+    ATEDM_FUZZ_SEED=1234 ATEDM_FUZZ_EXAMPLES=200 python -m pytest tests/test_fuzz_ops.py
+
+(200 examples per property take about 6 minutes here.) A failure prints the shrunk example and a
+``@reproduce_failure`` blob. On a GPU run ``TRITON_INTERPRET=0`` so the compiled kernels and bf16 are fuzzed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, note, seed, settings
+from hypothesis import strategies as st
+from tolerances import tol
+
+from atedm_kernels import (
+    CFG_MASK_MODES,
+    HEAD_REDUCTIONS,
+    SIMILARITY_RULES,
+    attention_with_lse,
+    attention_with_lse_ref,
+    gather_tokens,
+    gather_tokens_ref,
+    gwpr_scores,
+    gwpr_scores_ref,
+    head_mean_attention_map,
+    head_mean_attention_map_ref,
+    num_kept_tokens,
+    plan_token_pruning,
+    recovery_source,
+    recovery_source_ref,
+    scatter_recover,
+    scatter_recover_ref,
+    share_cfg_scores,
+    topk_keep_indices,
+    topk_keep_indices_ref,
+)
+from atedm_kernels import gwpr, recovery, topk_gather
+from atedm_kernels.attention_lse import _attention_with_lse_launch
+from atedm_kernels.attention_map import _head_mean_attention_map_launch, head_probabilities, map_query_block
+from atedm_kernels.gwpr import _map_power_step, _weighted_column_sums
+from atedm_kernels.recovery import _recovery_source_into, _similarity_to_kept
+from atedm_kernels.topk_gather import _gather_rows_into, _topk_keep_indices_into
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CUDA = DEVICE.type == "cuda"
+FLOAT_DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if ON_CUDA else ())
+MAP_RULES = ("attention", "attention_transposed", "symmetric")
+HEAD_DIMS = (16, 32, 40, 64)
+
+# ---------------------------------------------------------------- hypothesis settings
+
+FUZZ_EXAMPLES = int(os.environ.get("ATEDM_FUZZ_EXAMPLES", "15"))
+# Unset: derandomized (the same examples every run, for CI). "random": a fresh stream. An integer: that stream.
+FUZZ_SEED = os.environ.get("ATEDM_FUZZ_SEED", "")
+
+
+def fuzz(test):
+    """Bounded, deadline-free (the interpreter is slow; on a GPU a first launch compiles), reproducible."""
+    test = settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        derandomize=not FUZZ_SEED,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )(test)
+    if FUZZ_SEED not in ("", "random"):
+        test = seed(int(FUZZ_SEED))(test)
+    return test
+
+
+# ---------------------------------------------------------------- cost model and shapes
+
+# Under the interpreter an attention-like kernel costs about 5 ms per 32 x 32 tile of (query, key) scores
+# per head, whatever d. One example may take WORK_CAP tile steps (B * H * query tiles * key tiles * passes,
+# ~0.3 s); one pass of a single (image, head) may take MAX_PASS_TILES (N = 300 against N = 300), which bounds
+# N when the kernel makes several passes (G-WPR iterations).
+TILE = 32
+WORK_CAP = 48
+MAX_PASS_TILES = 100
+EDGE_TOKEN_COUNTS = (1, 2, 3, 31, 32, 33, 63, 64, 65, 96, 127, 128, 129, 255, 256, 257, 300)
+
+seeds = st.integers(0, 2**31 - 1)
+
+
+def tiles(n: int) -> int:
+    return -(-n // TILE)
+
+
+def max_tokens(passes: int) -> int:
+    """Largest N whose square map, walked ``passes`` times, stays within MAX_PASS_TILES tile steps."""
+    return min(300, TILE * math.isqrt(MAX_PASS_TILES // max(1, passes)))
+
+
+def token_counts(max_n: int = 300):
+    """N from 1 to max_n, weighted towards small N (cheap) and tile edges (where masks matter)."""
+    edges = [n for n in EDGE_TOKEN_COUNTS if n <= max_n]
+    return st.one_of(st.integers(1, min(max_n, 48)), st.integers(1, max_n), st.sampled_from(edges))
+
+
+@st.composite
+def qk_shapes(draw, square=True, passes=1, max_n=300, max_batch=3, max_heads=4):
+    """(B, H, Nq, Nk, d) with B * H cut so the example stays within WORK_CAP tile steps."""
+    max_n = min(max_n, max_tokens(passes))
+    n_q = draw(token_counts(max_n))
+    n_k = n_q if square else draw(token_counts(max_n))
+    budget = max(1, WORK_CAP // (tiles(n_q) * tiles(n_k) * max(1, passes)))
+    batch = draw(st.integers(1, max(1, min(max_batch, budget))))
+    heads = draw(st.integers(1, max(1, min(max_heads, budget // batch))))
+    return batch, heads, n_q, n_k, draw(st.sampled_from(HEAD_DIMS))
+
+
+scales = st.one_of(st.none(), st.floats(0.05, 0.5))
+# The map, G-WPR and recovery kernels exponentiate scale * q.k - lse directly, so any sign must work there.
+signed_scales = st.one_of(st.none(), st.floats(0.05, 0.5), st.floats(-0.5, -0.05))
+# Query magnitude: 4 makes the softmax peaky (logits up to ~30), where online-softmax rescaling and fp16
+# rounding of probabilities near 1 are tested.
+sharpness = st.sampled_from((1.0, 1.0, 4.0))
+
+
+# ---------------------------------------------------------------- memory layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a logical tensor lives: storage dim i holds logical dim ``order[i]``; logical dim d is taken
+    from ``offsets[d]`` with a step of ``steps[d]``; the dims in ``expanded`` broadcast one slice (stride 0)."""
+
+    order: tuple
+    steps: tuple
+    offsets: tuple
+    expanded: tuple = ()
+
+
+@st.composite
+def layouts(draw, ndim: int, expandable: tuple = ()):
+    identity = tuple(range(ndim))
+    kinds = ("contiguous", "diffusers", "strided", "strided") if ndim == 4 else ("contiguous", "strided", "strided")
+    kind = draw(st.sampled_from(kinds))
+    if kind == "contiguous":
+        return Layout(identity, (1,) * ndim, (0,) * ndim)
+    if kind == "diffusers":  # (B, N, H, d) storage seen as (B, H, N, d)
+        return Layout((0, 2, 1, 3), (1,) * 4, (0,) * 4)
+    order = tuple(draw(st.permutations(identity)))
+    steps = tuple(draw(st.lists(st.sampled_from((1, 1, 2, 3)), min_size=ndim, max_size=ndim)))
+    offsets = tuple(draw(st.lists(st.integers(0, 2), min_size=ndim, max_size=ndim)))
+    expanded = tuple(d for d in expandable if draw(st.integers(0, 3)) == 0)
+    return Layout(order, steps, offsets, expanded)
+
+
+def _gap_fill(dtype: torch.dtype):
+    """The poison of storage gaps and outputs. bool has no value outside the data (True it is): unwritten
+    rows show up in the float and int cases of the same kernel."""
+    return float("nan") if dtype.is_floating_point else (-7 if dtype != torch.bool else True)
+
+
+@dataclass
+class Placed:
+    """A view laid out as a Layout says, with the storage around it and the view's footprint in it."""
+
+    view: torch.Tensor
+    storage: torch.Tensor
+    footprint: torch.Tensor
+
+    def assert_outside_untouched(self, fill) -> None:
+        outside = self.storage[~self.footprint]
+        untouched = outside.isnan() if isinstance(fill, float) and math.isnan(fill) else outside == fill
+        assert untouched.all(), "a kernel wrote outside its output view"
+
+
+def place(values: torch.Tensor, layout: Layout, fill=None) -> Placed:
+    """``values`` (logical shape) copied into a view with ``layout``; the rest of the storage holds ``fill``
+    (NaN for floats by default). Expanded dims keep values' first slice along them."""
+    fill = _gap_fill(values.dtype) if fill is None else fill
+    shape = values.shape
+    for d in layout.expanded:
+        values = values.narrow(d, 0, 1)
+    padded = [values.shape[d] * layout.steps[d] + layout.offsets[d] for d in range(values.dim())]
+    inverse = [layout.order.index(d) for d in range(values.dim())]
+    storage = torch.full([padded[d] for d in layout.order], fill, dtype=values.dtype, device=values.device)
+    footprint = torch.zeros(storage.shape, dtype=torch.bool, device=values.device)
+    window = tuple(slice(o, o + n * s, s) for o, n, s in zip(layout.offsets, values.shape, layout.steps))
+    view = storage.permute(inverse)[window]
+    view.copy_(values)
+    footprint.permute(inverse)[window] = True
+    return Placed(view.expand(shape), storage, footprint)
+
+
+def laid_out(values: torch.Tensor, layout: Layout) -> torch.Tensor:
+    return place(values, layout).view
+
+
+def randn(gen: torch.Generator, shape, dtype=torch.float32, amplitude=1.0) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen) * amplitude).to(DEVICE, dtype)
+
+
+def first_layer(gen, batch, heads, n, head_dim, dtype, scale, q_layout, k_layout, lse_layout, sharp=1.0):
+    """Queries (times ``sharp``) and keys in the given layouts and the fp32 row log-sum-exp of their attention."""
+    q = laid_out(randn(gen, (batch, heads, n, head_dim), dtype, sharp), q_layout)
+    k = laid_out(randn(gen, (batch, heads, n, head_dim), dtype), k_layout)
+    _, lse = attention_with_lse_ref(q, k, k, scale)
+    return q, k, laid_out(lse, lse_layout)
+
+
+def tile_sizes(module, name: str, value):
+    """Patch a launcher's Python-side tile choice (None: keep the interpreter's own)."""
+    return nullcontext() if value is None else mock.patch.object(module, name, lambda *args, **kwargs: value)
+
+
+def random_keep(gen, batch: int, n: int, k: int) -> torch.Tensor:
+    """Ascending kept indices, as top-k hands them over: the k best of a random permutation per image."""
+    permutations = torch.rand(batch, n, generator=gen).argsort(dim=-1).float()  # also for batch 0
+    return topk_keep_indices_ref(permutations, k).to(DEVICE)
+
+
+def assert_scores_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """G-WPR scores are a distribution (~1/N each): compare N * scores so the tolerances see O(1) numbers."""
+    n = ref.shape[-1]
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got * n, ref * n, **tol(dtype))
+
+
+# ---------------------------------------------------------------- attention_with_lse
+
+
+@fuzz
+@given(
+    shape=qk_shapes(square=False),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    scale=scales,
+    q_layout=layouts(4, expandable=(0, 1)),
+    k_layout=layouts(4, expandable=(0, 1)),
+    v_layout=layouts(4, expandable=(0, 1)),
+    poisoned=st.booleans(),
+    out_layout=layouts(4),
+    lse_layout=layouts(3),
+    sharp=sharpness,
+    seed=seeds,
+)
+def test_attention_with_lse(
+    shape, dtype, scale, q_layout, k_layout, v_layout, poisoned, out_layout, lse_layout, sharp, seed
+):
+    batch, heads, n_q, n_k, head_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = laid_out(randn(gen, (batch, heads, n_q, head_dim), dtype, sharp), q_layout)
+    k = laid_out(randn(gen, (batch, heads, n_k, head_dim), dtype), k_layout)
+    v = laid_out(randn(gen, (batch, heads, n_k, head_dim), dtype), v_layout)
+    ref_out, ref_lse = attention_with_lse_ref(q, k, v, scale)
+    if poisoned:
+        out = place(torch.full_like(ref_out, float("nan")), out_layout)
+        lse = place(torch.full_like(ref_lse, float("nan")), lse_layout)
+        _attention_with_lse_launch(q, k, v, head_dim**-0.5 if scale is None else scale, out=out.view, lse=lse.view)
+        out.assert_outside_untouched(float("nan"))
+        lse.assert_outside_untouched(float("nan"))
+        got_out, got_lse = out.view, lse.view
+        assert torch.isfinite(got_out).all() and torch.isfinite(got_lse).all(), "kernel left poisoned elements"
+    else:
+        got_out, got_lse = attention_with_lse(q, k, v, scale, backend="triton")
+    assert got_out.shape == q.shape and got_out.dtype == dtype and got_lse.dtype == torch.float32
+    torch.testing.assert_close(got_out.float(), ref_out.float(), **tol(dtype))
+    torch.testing.assert_close(got_lse, ref_lse, **tol(dtype))
+
+
+@pytest.mark.skipif(ON_CUDA, reason="on CUDA backend='torch' is the reference itself")
+@fuzz
+@given(
+    shape=qk_shapes(square=False, max_batch=3, max_heads=4),
+    dtype=st.sampled_from((torch.float32, torch.float16, torch.bfloat16)),
+    scale=scales,
+    q_layout=layouts(4, expandable=(0, 1)),
+    k_layout=layouts(4, expandable=(0, 1)),
+    v_layout=layouts(4, expandable=(0, 1)),
+    sharp=sharpness,
+    seed=seeds,
+)
+def test_attention_torch_backend_on_cpu(shape, dtype, scale, q_layout, k_layout, v_layout, sharp, seed):
+    """backend='torch' on CPU runs aten's fused CPU attention in the inputs' dtype (bf16 included, no
+    interpreter involved): it must meet the same tolerances against the fp32 reference as the kernel."""
+    batch, heads, n_q, n_k, head_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = laid_out(randn(gen, (batch, heads, n_q, head_dim), dtype, sharp), q_layout)
+    k = laid_out(randn(gen, (batch, heads, n_k, head_dim), dtype), k_layout)
+    v = laid_out(randn(gen, (batch, heads, n_k, head_dim), dtype), v_layout)
+    out, lse = attention_with_lse(q, k, v, scale, backend="torch")
+    ref_out, ref_lse = attention_with_lse_ref(q, k, v, scale)
+    assert out.shape == q.shape and out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref_out.float(), **tol(dtype))
+    torch.testing.assert_close(lse, ref_lse, **tol(dtype))
+
+
+# ---------------------------------------------------------------- head_mean_attention_map
+
+
+@fuzz
+@given(
+    shape=qk_shapes(square=False),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    out_dtype=st.sampled_from((torch.float32, torch.float16)),
+    scale=signed_scales,
+    q_layout=layouts(4, expandable=(0, 1)),
+    k_layout=layouts(4, expandable=(0, 1)),
+    lse_layout=layouts(3),
+    poisoned=st.booleans(),
+    out_layout=layouts(3),
+    sharp=sharpness,
+    seed=seeds,
+)
+def test_head_mean_attention_map(
+    shape, dtype, out_dtype, scale, q_layout, k_layout, lse_layout, poisoned, out_layout, sharp, seed
+):
+    batch, heads, n_q, n_k, head_dim = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = laid_out(randn(gen, (batch, heads, n_q, head_dim), dtype, sharp), q_layout)
+    k = laid_out(randn(gen, (batch, heads, n_k, head_dim), dtype), k_layout)
+    _, lse = attention_with_lse_ref(q, k, k, scale)
+    lse = laid_out(lse, lse_layout)
+    ref = head_mean_attention_map_ref(q, k, lse, scale, out_dtype)
+    # Map entries are ~1/Nk: compare Nk * Abar under the coarser of the input and the storage tolerance.
+    map_tol = max(tol(dtype), tol(out_dtype), key=lambda t: t["atol"])
+    if poisoned:
+        abar = place(torch.full_like(ref, float("nan")), out_layout)
+        scale_value = head_dim**-0.5 if scale is None else scale
+        _, partials = _head_mean_attention_map_launch(
+            q, k, lse, scale_value, out_dtype, column_sums=True, out=abar.view
+        )
+        abar.assert_outside_untouched(float("nan"))
+        got = abar.view
+        assert torch.isfinite(got).all(), "kernel left poisoned elements"
+        # The by-product: per query block column sums that add up to Abar's column sums (~Nq / Nk each).
+        assert partials.shape == (batch, -(-n_q // map_query_block()), n_k)
+        ref_column_sums = head_mean_attention_map_ref(q, k, lse, scale).sum(dim=1)
+        torch.testing.assert_close(partials.sum(dim=1) * n_k / n_q, ref_column_sums * n_k / n_q, **tol(dtype))
+    else:
+        got = head_mean_attention_map(q, k, lse, scale, out_dtype, backend="triton")
+    assert got.shape == (batch, n_q, n_k) and got.dtype == out_dtype
+    torch.testing.assert_close(got.float() * n_k, ref.float() * n_k, **map_tol)
+
+
+# ---------------------------------------------------------------- gwpr_scores
+
+
+@st.composite
+def gwpr_cases(draw, passes_per_iteration: int):
+    """(iterations, (B, H, N, N, d)) with N bounded by the passes the walk makes."""
+    iterations = draw(st.integers(1, 4))
+    return iterations, draw(qk_shapes(square=True, passes=iterations * passes_per_iteration))
+
+
+@fuzz
+@given(
+    case=gwpr_cases(passes_per_iteration=0),  # the map walk reads the map and computes no scores
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    map_kind=st.sampled_from(("attention", "row_stochastic")),
+    map_dtype=st.sampled_from(FLOAT_DTYPES),
+    map_layout=layouts(3, expandable=(0,)),
+    seed=seeds,
+)
+def test_gwpr_mean_over_a_given_map(case, dtype, map_kind, map_dtype, map_layout, seed):
+    iterations, (batch, heads, n, _, head_dim) = case
+    gen = torch.Generator().manual_seed(seed)
+    contiguous3, contiguous4 = Layout((0, 1, 2), (1,) * 3, (0,) * 3), Layout((0, 1, 2, 3), (1,) * 4, (0,) * 4)
+    q, k, lse = first_layer(gen, batch, heads, n, head_dim, dtype, None, contiguous4, contiguous4, contiguous3)
+    if map_kind == "attention":
+        amap = head_mean_attention_map_ref(q, k, lse, out_dtype=map_dtype)
+    else:
+        amap = torch.rand(batch, n, n, generator=gen).to(DEVICE) + 0.05
+        amap = (amap / amap.sum(dim=-1, keepdim=True)).to(map_dtype)
+    amap = laid_out(amap, map_layout)
+    got = gwpr_scores(q, k, lse, iterations, "mean", attention_map=amap, backend="triton")
+    # Both sides walk the same map in fp32; only the summation order differs.
+    assert_scores_close(got, gwpr_scores_ref(q, k, lse, iterations, "mean", attention_map=amap), torch.float32)
+
+
+@fuzz
+@given(
+    case=gwpr_cases(passes_per_iteration=1),
+    materialize=st.booleans(),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    scale=signed_scales,
+    q_layout=layouts(4, expandable=(0, 1)),
+    k_layout=layouts(4, expandable=(0, 1)),
+    lse_layout=layouts(3),
+    sharp=sharpness,
+    seed=seeds,
+)
+def test_gwpr_mean_without_a_map(case, materialize, dtype, scale, q_layout, k_layout, lse_layout, sharp, seed):
+    """Both sides of ``materialize_attention_map``: build Abar (step 1 from its column sums) or recompute."""
+    iterations, (batch, heads, n, _, head_dim) = case
+    gen = torch.Generator().manual_seed(seed)
+    q, k, lse = first_layer(gen, batch, heads, n, head_dim, dtype, scale, q_layout, k_layout, lse_layout, sharp)
+    with mock.patch.object(gwpr, "materialize_attention_map", lambda *args, **kwargs: materialize):
+        got = gwpr_scores(q, k, lse, iterations, "mean", scale, backend="triton")
+    assert_scores_close(got, gwpr_scores_ref(q, k, lse, iterations, "mean", scale), dtype)
+
+
+@fuzz
+@given(
+    case=gwpr_cases(passes_per_iteration=1),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    scale=signed_scales,
+    q_layout=layouts(4, expandable=(0, 1)),
+    k_layout=layouts(4, expandable=(0, 1)),
+    lse_layout=layouts(3),
+    sharp=sharpness,
+    seed=seeds,
+)
+def test_gwpr_rms(case, dtype, scale, q_layout, k_layout, lse_layout, sharp, seed):
+    iterations, (batch, heads, n, _, head_dim) = case
+    gen = torch.Generator().manual_seed(seed)
+    q, k, lse = first_layer(gen, batch, heads, n, head_dim, dtype, scale, q_layout, k_layout, lse_layout, sharp)
+    got = gwpr_scores(q, k, lse, iterations, "rms", scale, backend="triton")
+    assert_scores_close(got, gwpr_scores_ref(q, k, lse, iterations, "rms", scale), dtype)
+
+
+@fuzz
+@given(
+    shape=qk_shapes(square=True),
+    kernel=st.sampled_from(("map_power_step", "weighted_column_sums")),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    operand_layouts=st.tuples(
+        layouts(4, expandable=(0, 1)), layouts(4, expandable=(0, 1)), layouts(3), layouts(3, expandable=(0,))
+    ),
+    state_layout=layouts(3, expandable=(0, 1)),
+    out_layout=layouts(3),
+    seed=seeds,
+)
+def test_gwpr_step_kernels_write_every_score(shape, kernel, dtype, operand_layouts, state_layout, out_layout, seed):
+    """One power step with a random walk state (shared over heads when expanded) into a poisoned output."""
+    batch, heads, n, _, head_dim = shape
+    q_layout, k_layout, lse_layout, map_layout = operand_layouts
+    gen = torch.Generator().manual_seed(seed)
+    if kernel == "map_power_step":
+        amap = torch.rand(batch, n, n, generator=gen) + 0.05
+        amap = laid_out((amap / amap.sum(dim=-1, keepdim=True)).to(DEVICE, dtype), map_layout)
+        state = laid_out(torch.rand(batch, 1, n, generator=gen).to(DEVICE), state_layout)[:, 0]
+        expected = torch.einsum("bi,bij->bj", state, amap.float())
+        out = place(torch.full((batch, 1, n), float("nan"), device=DEVICE), out_layout)
+        _map_power_step(amap, state, out=out.view[:, 0])
+        check_dtype = torch.float32  # the same map values summed in another order
+    else:
+        q, k, lse = first_layer(gen, batch, heads, n, head_dim, dtype, None, q_layout, k_layout, lse_layout)
+        state = laid_out(torch.rand(batch, heads, n, generator=gen).to(DEVICE), state_layout)
+        expected = torch.einsum("bhi,bhij->bhj", state, head_probabilities(q, k, lse, head_dim**-0.5))
+        out = place(torch.full((batch, heads, n), float("nan"), device=DEVICE), out_layout)
+        _weighted_column_sums(q, k, lse, state, head_dim**-0.5, out=out.view)
+        check_dtype = dtype
+    out.assert_outside_untouched(float("nan"))
+    got = out.view.reshape(expected.shape)
+    assert torch.isfinite(got).all(), "kernel left poisoned elements"
+    # Map rows sum to 1, so the outputs average sum(state) / N: scaled by N / sum(state) they are O(1).
+    norm = n / state.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    torch.testing.assert_close(got * norm, expected * norm, **tol(check_dtype))
+
+
+# ---------------------------------------------------------------- topk_keep_indices and the CFG mask modes
+
+# Zeros of both signs (they must tie), NaNs of both signs (above +inf), infinities, subnormals, extremes.
+SPECIAL_SCORES = (
+    float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 3e38
+)
+
+
+@st.composite
+def score_rows(draw, batch: int, n: int, gen: torch.Generator):
+    """(B, N) scores: tie-free permutations (exact in fp16 and fp32), heavy ties, gaussians, or special values."""
+    kind = draw(st.sampled_from(("permutation", "permutation", "ties", "gaussian", "special", "special")))
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    if kind == "permutation":
+        # Distinct multiples of 1/8 with |x| <= 37.5: exact in fp16 (11 significant bits) and fp32.
+        perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(batch)]).float()
+        scores = (perms - n / 2) * 0.125 + draw(st.sampled_from((0.0, 100.0, -1000.0)))
+        dtype = torch.float32 if scores.abs().max() > 64 else dtype  # keep the shifted rows exact
+    elif kind == "ties":
+        scores = torch.randint(-2, 3, (batch, n), generator=gen).float()
+    elif kind == "gaussian":
+        scores = torch.randn(batch, n, generator=gen)
+    else:
+        pick = torch.randint(0, len(SPECIAL_SCORES), (batch, n), generator=gen)
+        scores = torch.tensor(SPECIAL_SCORES)[pick]
+        dtype = torch.float32  # 1e-40 and 3e38 are fp32 values
+    event(f"top-k scores: {kind}")
+    return scores.to(DEVICE, dtype)
+
+
+@fuzz
+@given(
+    n=token_counts(),
+    batch=st.integers(1, 3),
+    data=st.data(),
+    scores_layout=layouts(2, expandable=(0, 1)),
+    block=st.sampled_from((None, 16, 32, 64, 128)),
+    cfg_mode=st.sampled_from(CFG_MASK_MODES),
+    poisoned=st.booleans(),
+    keep_layout=layouts(2),
+    seed=seeds,
+)
+def test_topk_keep_indices(n, batch, data, scores_layout, block, cfg_mode, poisoned, keep_layout, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = laid_out(data.draw(score_rows(batch, n, gen)), scores_layout)
+    k = data.draw(st.integers(1, n), label="k")
+    if cfg_mode == "shared_cond" and batch % 2:
+        with pytest.raises(ValueError, match="even size"):
+            share_cfg_scores(scores, cfg_mode)
+    else:
+        scores = share_cfg_scores(scores, cfg_mode)
+    expected = topk_keep_indices_ref(scores, k)
+    # A block below N runs the GPU's multi-step path (counts, tie ranks and slots carried between steps);
+    # the interpreter pays ~4 ms per step and image for each of the 33 passes, so at most 8 steps in all.
+    block = block if block is not None and batch * -(-n // block) <= 8 else None
+    with tile_sizes(topk_gather, "_topk_block", None if block is None else (block, 4)):
+        if poisoned:
+            out = place(torch.full((batch, k), -1, dtype=torch.int64, device=DEVICE), keep_layout, fill=-7)
+            keep = _topk_keep_indices_into(out.view, scores, k)
+            out.assert_outside_untouched(-7)
+        else:
+            keep = topk_keep_indices(scores, k, backend="triton")
+    assert torch.equal(keep, expected)
+    if cfg_mode == "shared_cond" and batch % 2 == 0:
+        assert torch.equal(keep[: batch // 2], keep[batch // 2 :])
+
+
+# ---------------------------------------------------------------- gather_tokens and scatter_recover
+
+COPY_DTYPES = FLOAT_DTYPES + (torch.int32, torch.bool)
+channel_counts = st.one_of(st.integers(1, 96), st.sampled_from((3, 320, 640, 1280, 2049)))
+row_copy_blocks = st.sampled_from((None, (16, 16, 4), (16, 64, 4), (64, 32, 4)))
+
+
+def affordable_copy_blocks(blocks, batch: int, rows: int, channels: int):
+    """The interpreter pays per program: keep patched copy tiles to grids of at most 32 programs."""
+    if blocks is None or batch * -(-rows // blocks[0]) * -(-channels // blocks[1]) <= 32:
+        return blocks
+    return None
+
+
+def random_rows(gen, shape, dtype) -> torch.Tensor:
+    values = torch.randn(shape, generator=gen) * 100
+    return (values > 0 if dtype == torch.bool else values.to(dtype)).to(DEVICE)
+
+
+@fuzz
+@given(
+    n=token_counts(),
+    batch=st.integers(1, 3),
+    channels=channel_counts,
+    dtype=st.sampled_from(COPY_DTYPES),
+    data=st.data(),
+    x_layout=layouts(3, expandable=(0,)),
+    keep_layout=layouts(2, expandable=(0,)),
+    poisoned=st.booleans(),
+    out_layout=layouts(3),
+    blocks=row_copy_blocks,
+    seed=seeds,
+)
+def test_gather_tokens(n, batch, channels, dtype, data, x_layout, keep_layout, poisoned, out_layout, blocks, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k = data.draw(st.integers(1, n), label="k")
+    x = laid_out(random_rows(gen, (batch, n, channels), dtype), x_layout)
+    keep = place(random_keep(gen, batch, n, k), keep_layout, fill=0).view
+    expected = gather_tokens_ref(x, keep)
+    with tile_sizes(topk_gather, "_row_copy_blocks", affordable_copy_blocks(blocks, batch, k, channels)):
+        if poisoned:
+            fill = _gap_fill(dtype)
+            out = place(torch.full((batch, k, channels), fill, dtype=dtype, device=DEVICE), out_layout, fill=fill)
+            got = _gather_rows_into(out.view, x, keep)
+            out.assert_outside_untouched(fill)
+        else:
+            got = gather_tokens(x, keep, backend="triton")
+    assert torch.equal(got, expected)  # a NaN left anywhere fails equality
+
+
+@fuzz
+@given(
+    n=token_counts(),
+    batch=st.integers(1, 3),
+    channels=channel_counts,
+    dtype=st.sampled_from(COPY_DTYPES),
+    data=st.data(),
+    kept_layout=layouts(3, expandable=(0,)),
+    src_layout=layouts(2, expandable=(0, 1)),
+    poisoned=st.booleans(),
+    out_layout=layouts(3),
+    blocks=row_copy_blocks,
+    seed=seeds,
+)
+def test_scatter_recover(n, batch, channels, dtype, data, kept_layout, src_layout, poisoned, out_layout, blocks, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k = data.draw(st.integers(1, n), label="k")
+    kept = laid_out(random_rows(gen, (batch, k, channels), dtype), kept_layout)
+    src = place(torch.randint(0, k, (batch, n), generator=gen).to(DEVICE), src_layout, fill=0).view
+    expected = scatter_recover_ref(kept, src)
+    with tile_sizes(topk_gather, "_row_copy_blocks", affordable_copy_blocks(blocks, batch, n, channels)):
+        if poisoned:
+            fill = _gap_fill(dtype)
+            full = place(torch.full((batch, n, channels), fill, dtype=dtype, device=DEVICE), out_layout, fill=fill)
+            got = _gather_rows_into(full.view, kept, src)
+            full.assert_outside_untouched(fill)
+        else:
+            got = scatter_recover(kept, src, backend="triton")
+    assert torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------- recovery_source
+
+# Relative gap between a row's best and second-best kept similarity below which the recompute and cosine
+# matches may legitimately disagree with the reference (fp32 dots summed in another order: ~1e-6).
+NEAR_TIE_MARGIN = 1e-4
+
+
+def tie_safe_rows(sim: torch.Tensor, keep: torch.Tensor, margin: float) -> torch.Tensor:
+    """(B, N) bool: rows whose reference argmax cannot flip under relative errors below ``margin``.
+    Kept rows take their own rank whatever the similarity; with one kept token every row is safe."""
+    batch, n, k = sim.shape
+    safe = torch.ones(batch, n, dtype=torch.bool, device=sim.device)
+    if k >= 2:
+        top2 = sim.topk(2, dim=-1).values
+        safe = (top2[..., 0] - top2[..., 1]) > margin * top2[..., 0].abs().clamp_min(1e-30)
+    return safe.scatter(1, keep, True)
+
+
+def assert_same_source(got: torch.Tensor, expected: torch.Tensor, safe: torch.Tensor, k: int) -> None:
+    assert got.shape == expected.shape and got.dtype == torch.int64
+    assert ((got >= 0) & (got < k)).all(), "a source slot outside [0, k): unwritten or garbage"
+    assert torch.equal(got[safe], expected[safe])
+    skipped = int((~safe).sum())
+    event("recovery rows: all compared" if skipped == 0 else "recovery rows: some skipped as near ties")
+    note(f"near-tie rows skipped: {skipped} of {safe.numel()}")
+
+
+def match(poisoned: bool, src_layout: Layout, keep, n: int, rule: str, **operands) -> torch.Tensor:
+    """The Triton match, through the public op or into a poisoned (-1) source buffer laid out as given."""
+    if not poisoned:
+        return recovery_source(keep, n, rule, backend="triton", **operands)
+    src = place(torch.full((keep.shape[0], n), -1, dtype=torch.int64, device=DEVICE), src_layout, fill=-7)
+    _recovery_source_into(
+        src.view, keep, n, rule, operands.get("attention_map"), operands.get("keys"), operands.get("queries"),
+        operands.get("lse"), operands.get("scale"),
+    )
+    src.assert_outside_untouched(-7)
+    return src.view
+
+
+match_blocks = st.sampled_from((None, (16, 16, 4), (16, 64, 4), (32, 16, 4), (64, 32, 4)))
+
+
+def affordable_match_blocks(blocks, n: int, k: int):
+    """Small match tiles make the interpreter slow: keep them to grids of at most 64 tiles."""
+    if blocks is None or -(-n // blocks[0]) * -(-k // blocks[1]) <= 64:
+        return blocks
+    return None
+
+
+@fuzz
+@given(
+    n=token_counts(),
+    batch=st.integers(1, 3),
+    rule=st.sampled_from(MAP_RULES),
+    map_kind=st.sampled_from(("attention", "uniform", "ties")),
+    map_dtype=st.sampled_from(FLOAT_DTYPES),
+    data=st.data(),
+    map_layout=layouts(3, expandable=(0,)),
+    keep_layout=layouts(2),
+    poisoned=st.booleans(),
+    src_layout=layouts(2),
+    blocks=match_blocks,
+    seed=seeds,
+)
+def test_recovery_source_from_a_map(
+    n, batch, rule, map_kind, map_dtype, data, map_layout, keep_layout, poisoned, src_layout, blocks, seed
+):
+    """The map match adds the same fp32 values as the reference: equal on every row, ties included."""
+    gen = torch.Generator().manual_seed(seed)
+    k = data.draw(st.integers(1, n), label="k")
+    if map_kind == "attention":
+        q, k_, lse = (t.to(DEVICE) for t in _small_first_layer(gen, batch, n))
+        amap = head_mean_attention_map_ref(q, k_, lse, out_dtype=map_dtype)
+    elif map_kind == "uniform":
+        amap = torch.rand(batch, n, n, generator=gen).to(DEVICE, map_dtype)
+    else:
+        amap = torch.randint(0, 3, (batch, n, n), generator=gen).to(DEVICE, map_dtype)
+    amap = laid_out(amap, map_layout)
+    keep = place(random_keep(gen, batch, n, k), keep_layout, fill=0).view
+    expected = recovery_source_ref(keep, n, rule, attention_map=amap)
+    with tile_sizes(recovery, "_match_blocks", affordable_match_blocks(blocks, n, k)):
+        got = match(poisoned, src_layout, keep, n, rule, attention_map=amap)
+    assert_same_source(got, expected, torch.ones_like(expected, dtype=torch.bool), k)
+
+
+def _small_first_layer(gen, batch, n, heads=2, head_dim=16):
+    q = torch.randn(batch, heads, n, head_dim, generator=gen)
+    k = torch.randn(batch, heads, n, head_dim, generator=gen)
+    return q, k, attention_with_lse_ref(q, k, k)[1]
+
+
+@st.composite
+def match_cases(draw, directions: int):
+    """(B, H, N, k, d): N, then k, then B * H within WORK_CAP tile steps of (rows x kept) per direction."""
+    n = draw(token_counts())
+    k = draw(st.integers(1, n), label="k")
+    budget = max(1, WORK_CAP // (tiles(n) * tiles(k) * directions))
+    batch = draw(st.integers(1, max(1, min(3, budget))))
+    heads = draw(st.integers(1, max(1, min(4, budget // batch))))
+    return batch, heads, n, k, draw(st.sampled_from(HEAD_DIMS))
+
+
+@fuzz
+@given(
+    rule=st.sampled_from(MAP_RULES),
+    data=st.data(),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    scale=signed_scales,
+    q_layout=layouts(4, expandable=(0, 1)),
+    k_layout=layouts(4, expandable=(0, 1)),
+    lse_layout=layouts(3),
+    keep_layout=layouts(2),
+    poisoned=st.booleans(),
+    src_layout=layouts(2),
+    blocks=match_blocks,
+    sharp=sharpness,
+    seed=seeds,
+)
+def test_recovery_source_recomputed(
+    rule, data, dtype, scale, q_layout, k_layout, lse_layout, keep_layout, poisoned, src_layout, blocks,
+    sharp, seed
+):
+    """The map-free mode: kept columns of Abar rebuilt from Q, K and lse."""
+    batch, heads, n, k, head_dim = data.draw(match_cases(2 if rule == "symmetric" else 1))
+    gen = torch.Generator().manual_seed(seed)
+    q, keys, lse = first_layer(gen, batch, heads, n, head_dim, dtype, scale, q_layout, k_layout, lse_layout, sharp)
+    keep = place(random_keep(gen, batch, n, k), keep_layout, fill=0).view
+    operands = dict(queries=q, keys=keys, lse=lse, scale=scale)
+    expected = recovery_source_ref(keep, n, rule, **operands)
+    safe = tie_safe_rows(_similarity_to_kept(slice(0, n), keep, rule, None, keys, q, lse, scale), keep, NEAR_TIE_MARGIN)
+    with tile_sizes(recovery, "_match_blocks", affordable_match_blocks(blocks, n, k)):
+        got = match(poisoned, src_layout, keep, n, rule, **operands)
+    assert_same_source(got, expected, safe, k)
+
+
+@fuzz
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    keys_layout=layouts(4, expandable=(0, 1)),
+    keep_layout=layouts(2),
+    poisoned=st.booleans(),
+    src_layout=layouts(2),
+    blocks=match_blocks,
+    seed=seeds,
+)
+def test_recovery_source_key_cosine(data, dtype, keys_layout, keep_layout, poisoned, src_layout, blocks, seed):
+    batch, heads, n, k, head_dim = data.draw(match_cases(1))
+    gen = torch.Generator().manual_seed(seed)
+    keys = laid_out(randn(gen, (batch, heads, n, head_dim), dtype), keys_layout)
+    keep = place(random_keep(gen, batch, n, k), keep_layout, fill=0).view
+    expected = recovery_source_ref(keep, n, "key_cosine", keys=keys)
+    safe = tie_safe_rows(_similarity_to_kept(slice(0, n), keep, "key_cosine", None, keys), keep, NEAR_TIE_MARGIN)
+    with tile_sizes(recovery, "_match_blocks", affordable_match_blocks(blocks, n, k)):
+        got = match(poisoned, src_layout, keep, n, "key_cosine", keys=keys)
+    assert_same_source(got, expected, safe, k)
+
+
+# ---------------------------------------------------------------- plan_token_pruning: the ops chained
+
+
+def tie_safe_keep_count(scores: torch.Tensor, wanted: int, band) -> int:
+    """The keep count nearest ``wanted`` at which no image's top-k boundary is a near tie: the k-th and
+    (k+1)-th reference scores differ by more than twice ``band(score)``, the tolerance each side may be off
+    by. N (keep everything) is always safe."""
+    ordered = scores.sort(dim=-1, descending=True).values.double()
+    n = ordered.shape[-1]
+    gaps = ordered[:, :-1] - ordered[:, 1:]  # gaps[:, j]: between the (j+1)-th and (j+2)-th best
+    safe = (gaps > 2 * band(ordered[:, :-1])).all(dim=0).tolist() + [True]  # safe[c - 1]: keep count c
+    return min((c for c in range(1, n + 1) if safe[c - 1]), key=lambda c: (abs(c - wanted), c))
+
+
+@st.composite
+def plan_shapes(draw, cfg_mode: str, iterations: int):
+    """(B, H, N, d) for a whole plan: up to K + 2 passes over the map (its build or K recompute steps, and a
+    recompute match in both directions), B from the CFG mode, N and then H within the tile budgets."""
+    batch = 2 if cfg_mode == "shared_cond" else draw(st.integers(1, 2))
+    passes = batch * (iterations + 2)
+    n = draw(token_counts(min(128, max_tokens(passes))))
+    heads = draw(st.integers(1, max(1, min(4, WORK_CAP // (tiles(n) ** 2 * passes)))))
+    return batch, heads, n, draw(st.sampled_from(HEAD_DIMS))
+
+
+@fuzz
+@given(
+    cfg_mode=st.sampled_from(CFG_MASK_MODES),
+    head_reduction=st.sampled_from(HEAD_REDUCTIONS),
+    similarity=st.sampled_from(SIMILARITY_RULES),
+    iterations=st.integers(1, 4),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    data=st.data(),
+    prune_ratio=st.floats(0.0, 0.95),
+    layout=layouts(4),
+    seed=seeds,
+)
+def test_plan_token_pruning(cfg_mode, head_reduction, similarity, iterations, dtype, data, prune_ratio, layout, seed):
+    """The Triton plan against the PyTorch plan. The Triton plan keeps an fp16 map (the reference an fp32
+    one), so the keep count is moved off near ties of the reference scores and recovery rows are compared
+    where the best match beats the runner-up by more than fp16's rounding can move them."""
+    batch, heads, n, head_dim = data.draw(plan_shapes(cfg_mode, iterations))
+    gen = torch.Generator().manual_seed(seed)
+    lse_layout = Layout((0, 1, 2), (1,) * 3, (0,) * 3)
+    q, k, lse = first_layer(gen, batch, heads, n, head_dim, dtype, None, layout, layout, lse_layout)
+    ref_scores = share_cfg_scores(gwpr_scores_ref(q, k, lse, iterations, head_reduction), cfg_mode)
+    fp16 = tol(torch.float16)  # the Triton plan's map is fp16 whatever the inputs' dtype
+    wanted = num_kept_tokens(n, prune_ratio)
+    num_keep = tie_safe_keep_count(ref_scores * n, wanted, lambda s: fp16["atol"] + fp16["rtol"] * s.abs())
+    event("plan: keep count moved off a near tie" if num_keep != wanted else "plan: keep count as drawn")
+    options = dict(iterations=iterations, head_reduction=head_reduction, cfg_mask_mode=cfg_mode, similarity=similarity)
+    keep, src = plan_token_pruning(q, k, lse, num_keep, backend="triton", **options)
+    ref_keep, ref_src = plan_token_pruning(q, k, lse, num_keep, backend="torch", **options)
+    assert torch.equal(keep, ref_keep)
+    if cfg_mode == "shared_cond":
+        assert torch.equal(keep[: batch // 2], keep[batch // 2 :])
+    amap = head_mean_attention_map_ref(q, k, lse) if similarity != "key_cosine" else None
+    sim = _similarity_to_kept(slice(0, n), ref_keep, similarity, amap, k)
+    # fp16 map entries carry a relative error up to 2^-11; 4x that cannot flip a row's argmax.
+    assert_same_source(src, ref_src, tie_safe_rows(sim, ref_keep, 4 * 2.0**-11), num_keep)
+
+
+# ---------------------------------------------------------------- num_kept_tokens
+
+ratios = st.floats(0.0, 1.0, exclude_max=True)
+
+
+@fuzz
+@given(n=st.integers(1, 10**6), n_other=st.integers(1, 10**6), ratio=ratios, ratio_other=ratios)
+def test_num_kept_tokens(n, n_other, ratio, ratio_other):
+    kept = num_kept_tokens(n, ratio)
+    assert isinstance(kept, int) and 1 <= kept <= n
+    exact = (1.0 - ratio) * n
+    # ceil((1 - rho) N), up to the 1e-9 that absorbs float noise.
+    assert kept == 1 or exact - 1e-6 <= kept < exact + 1
+    # Monotone: a higher ratio never keeps more tokens, a larger grid never keeps fewer.
+    low, high = sorted((ratio, ratio_other))
+    assert num_kept_tokens(n, low) >= num_kept_tokens(n, high)
+    small, large = sorted((n, n_other))
+    assert num_kept_tokens(small, ratio) <= num_kept_tokens(large, ratio)
+
+
+@fuzz
+@given(
+    n=st.integers(1, 10**6),
+    ratio=st.one_of(st.floats(max_value=-math.ulp(0.0)), st.floats(min_value=1.0), st.just(float("nan"))),
+)
+def test_num_kept_tokens_rejects_ratios_outside_unit_interval(n, ratio):
+    with pytest.raises(ValueError, match="prune_ratio must lie in"):
+        num_kept_tokens(n, ratio)
+
+
+# ---------------------------------------------------------------- validation: bad shapes raise ValueError
+
+
+@st.composite
+def broken_shape(draw, shape: tuple, dims: tuple):
+    """``shape`` made invalid: one dim dropped or added, or one of the constrained ``dims`` changed."""
+    how = draw(st.sampled_from(("drop", "add", "change") if dims else ("drop", "add")))
+    shape = list(shape)
+    if how == "drop":
+        del shape[draw(st.integers(0, len(shape) - 1))]
+    elif how == "add":
+        shape.insert(draw(st.integers(0, len(shape))), draw(st.integers(1, 3)))
+    else:
+        d = draw(st.sampled_from(dims))
+        shape[d] = draw(st.integers(0, shape[d] + 3).filter(lambda size, old=shape[d]: size != old))
+    return tuple(shape)
+
+
+def _tensors(shapes: dict) -> dict:
+    return {name: torch.rand(shape, device=DEVICE) for name, shape in shapes.items()}
+
+
+@st.composite
+def invalid_calls(draw):
+    """(op name, call(backend)) for a call with one operand's shape broken; every op checks before launching."""
+    op = draw(st.sampled_from(("attention", "map", "gwpr", "topk", "gather", "recovery", "scatter")))
+    b, h, n, n2 = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    d = draw(st.sampled_from((16, 40)))
+
+    def breaking(shapes: dict, constrained: dict):
+        name = draw(st.sampled_from(sorted(constrained)))
+        return shapes | {name: draw(broken_shape(shapes[name], constrained[name]))}
+
+    if op == "attention":
+        shapes = breaking(dict(q=(b, h, n, d), k=(b, h, n2, d), v=(b, h, n2, d)),
+                          dict(q=(0, 1, 3), k=(0, 1, 2, 3), v=(0, 1, 2, 3)))
+        t = _tensors(shapes)
+        return op, lambda backend: attention_with_lse(t["q"], t["k"], t["v"], backend=backend)
+    if op == "map":
+        shapes = breaking(dict(q=(b, h, n, d), k=(b, h, n2, d), lse=(b, h, n)),
+                          dict(q=(0, 1, 2, 3), k=(0, 1, 3), lse=(0, 1, 2)))
+        t = _tensors(shapes)
+        return op, lambda backend: head_mean_attention_map(t["q"], t["k"], t["lse"], backend=backend)
+    if op == "gwpr":
+        reduction = draw(st.sampled_from(HEAD_REDUCTIONS))
+        shapes = dict(q=(b, h, n, d), k=(b, h, n, d), lse=(b, h, n), attention_map=(b, n, n))
+        constrained = dict(q=(0, 1, 2, 3), k=(0, 1, 2, 3), lse=(0, 1, 2), attention_map=(0, 1, 2))
+        iterations = 2
+        if draw(st.booleans()):
+            shapes = breaking(shapes, constrained)
+        else:  # a bad argument instead of a bad shape
+            bad = draw(st.sampled_from(("iterations", "head_reduction")))
+            iterations = draw(st.sampled_from((0, -1, 2.0, None))) if bad == "iterations" else iterations
+            reduction = "max" if bad == "head_reduction" else reduction
+        t = _tensors(shapes)
+        return op, lambda backend: gwpr_scores(t["q"], t["k"], t["lse"], iterations, reduction,
+                                                attention_map=t["attention_map"], backend=backend)
+    if op == "topk":
+        if draw(st.booleans()):
+            scores, k = torch.rand(draw(broken_shape((b, n), ())), device=DEVICE), 1
+        else:
+            scores, k = torch.rand(b, n, device=DEVICE), draw(st.sampled_from((0, -1, n + 1, 1.0, None)))
+        return op, lambda backend: topk_keep_indices(scores, k, backend=backend)
+    if op == "gather":
+        if draw(st.booleans()):
+            shapes = breaking(dict(x=(b, n, n2), keep_idx=(b, 1)), dict(x=(0,), keep_idx=(0,)))
+        else:  # more kept rows than the stream has tokens (an empty stream included)
+            n = draw(st.integers(0, 3))
+            shapes = dict(x=(b, n, n2), keep_idx=(b, n + draw(st.integers(1, 3))))
+        x = torch.rand(shapes["x"], device=DEVICE)
+        keep = torch.zeros(shapes["keep_idx"], dtype=torch.int64, device=DEVICE)
+        return op, lambda backend: gather_tokens(x, keep, backend=backend)
+    if op == "scatter":
+        if draw(st.booleans()):
+            shapes = breaking(dict(kept=(b, 1, n2), src=(b, n)), dict(kept=(0,), src=(0,)))
+        else:  # no kept rows to refill N >= 1 tokens from
+            shapes = dict(kept=(b, 0, n2), src=(b, n))
+        kept = torch.rand(shapes["kept"], device=DEVICE)
+        src = torch.zeros(shapes["src"], dtype=torch.int64, device=DEVICE)
+        return op, lambda backend: scatter_recover(kept, src, backend=backend)
+    rule = draw(st.sampled_from(SIMILARITY_RULES))
+    k = draw(st.integers(1, n))
+    mode = "keys" if rule == "key_cosine" else draw(st.sampled_from(("map", "recompute")))
+    if mode == "keys":
+        shapes, constrained = dict(keys=(b, h, n, d)), dict(keys=(0, 2))
+    elif mode == "map":
+        shapes, constrained = dict(attention_map=(b, n, n)), dict(attention_map=(0, 1, 2))
+    else:
+        shapes = dict(queries=(b, h, n, d), keys=(b, h, n, d), lse=(b, h, n))
+        constrained = dict(queries=(0, 1, 2, 3), keys=(0, 1, 2, 3), lse=(0, 1, 2))
+    keep_shape = (b, k)
+    broken = draw(st.sampled_from(("operand", "keep_rank", "keep_batch", "keep_count")))
+    if broken == "operand":
+        shapes = breaking(shapes, constrained)
+    elif broken == "keep_rank":
+        keep_shape = draw(broken_shape(keep_shape, ()))
+    elif broken == "keep_batch":
+        keep_shape = (draw(st.integers(0, b + 3).filter(lambda size: size != b)), k)
+    else:  # k outside [1, N]
+        keep_shape = (b, draw(st.sampled_from((0, n + 1, n + 3))))
+    t = _tensors(shapes)
+    keep = torch.zeros(keep_shape, dtype=torch.int64, device=DEVICE)
+    return op, lambda backend: recovery_source(keep, n, rule, backend=backend, **t)
+
+
+@fuzz
+@given(case=invalid_calls())
+def test_bad_shapes_raise_value_error(case):
+    """Every public op rejects a broken shape with a ValueError on both backends, before any launch (an
+    out-of-bounds read under the interpreter or on a GPU would crash the process or return garbage)."""
+    op, call = case
+    event(f"invalid call: {op}")
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError):
+            call(backend)
+
+
+# ---------------------------------------------------------------- degenerate shapes: a ValueError or the reference
+
+sizes = st.sampled_from((0, 1, 2, 5))
+
+
+def _valid_indices(shape: tuple, high: int) -> torch.Tensor:
+    """Indices in [0, high) of the given shape (zeros when no index is valid: the op must refuse them)."""
+    if high == 0:
+        return torch.zeros(shape, dtype=torch.int64, device=DEVICE)
+    return torch.randint(0, high, shape).to(DEVICE)
+
+
+@st.composite
+def degenerate_calls(draw):
+    """(op, call(backend), reference()) with zero-size dims among B, H, N, d, C and k."""
+    op = draw(st.sampled_from(("attention", "map", "gwpr", "topk", "gather", "scatter", "recovery")))
+    b, h, n, n2, c, k = (draw(sizes) for _ in range(6))
+    d = draw(st.sampled_from((0, 16)))
+    q, keys = torch.randn(b, h, n, d, device=DEVICE), torch.randn(b, h, n2, d, device=DEVICE)
+    lse = torch.randn(b, h, n, device=DEVICE)
+    if op == "attention":
+        return op, lambda backend: attention_with_lse(q, keys, keys, 0.3, backend=backend), \
+            lambda: attention_with_lse_ref(q, keys, keys, 0.3)
+    if op == "map":
+        return op, lambda backend: head_mean_attention_map(q, keys, lse, 0.3, backend=backend), \
+            lambda: head_mean_attention_map_ref(q, keys, lse, 0.3)
+    if op == "gwpr":
+        reduction, iterations = draw(st.sampled_from(HEAD_REDUCTIONS)), draw(st.integers(1, 2))
+        return op, lambda backend: gwpr_scores(q, q, lse, iterations, reduction, 0.3, backend=backend), \
+            lambda: gwpr_scores_ref(q, q, lse, iterations, reduction, 0.3)
+    if op == "topk":
+        scores = torch.randn(b, n, device=DEVICE)
+        return op, lambda backend: topk_keep_indices(scores, k, backend=backend), \
+            lambda: topk_keep_indices_ref(scores, k)
+    if op == "gather":
+        x, keep = torch.randn(b, n, c, device=DEVICE), _valid_indices((b, k), n)
+        return op, lambda backend: gather_tokens(x, keep, backend=backend), lambda: gather_tokens_ref(x, keep)
+    if op == "scatter":
+        kept, src = torch.randn(b, k, c, device=DEVICE), _valid_indices((b, n), k)
+        return op, lambda backend: scatter_recover(kept, src, backend=backend), lambda: scatter_recover_ref(kept, src)
+    rule = draw(st.sampled_from(SIMILARITY_RULES))
+    keep = random_keep(torch.Generator().manual_seed(0), b, n, k) if 1 <= k <= n else _valid_indices((b, k), n)
+    mode = "keys" if rule == "key_cosine" else draw(st.sampled_from(("map", "recompute")))
+    operands = {
+        "keys": dict(keys=q),
+        "map": dict(attention_map=torch.rand(b, n, n, device=DEVICE)),
+        "recompute": dict(queries=q, keys=q, lse=lse, scale=0.3),
+    }[mode]
+    return op, lambda backend: recovery_source(keep, n, rule, backend=backend, **operands), \
+        lambda: recovery_source_ref(keep, n, rule, **operands)
+
+
+@fuzz
+@given(case=degenerate_calls())
+def test_degenerate_shapes_raise_value_error_or_match_the_reference(case):
+    """Empty dims (B, H, N, d, C or k = 0): both backends refuse the call with a ValueError, or both give
+    the reference's result; never another exception, never a crash."""
+    op, call, reference = case
+    try:
+        got = call("triton")
+    except ValueError:
+        event(f"degenerate {op}: ValueError")
+        with pytest.raises(ValueError):
+            call("torch")
+        return
+    event(f"degenerate {op}: computed")
+    expected = reference()
+    for backend_result in (got, call("torch")):
+        for value, want in zip(backend_result if isinstance(got, tuple) else (backend_result,),
+                               expected if isinstance(expected, tuple) else (expected,)):
+            assert value.shape == want.shape and value.dtype == want.dtype
+            torch.testing.assert_close(value, want, equal_nan=True, **tol(torch.float32))
