@@ -37,6 +37,15 @@ RANKING_MARGIN_DB = 1.0
 RECOVERY_MARGIN_DB = 3.0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small matmuls on a busy machine: a second OpenMP thread made these samplings ~20x slower here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_fidelity_model()
