@@ -51,7 +51,8 @@ from atedm.flops import build_meta_unet, example_inputs
 from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, write_rows
 
 from .model import IMAGE_SIZE, MODEL_DIR, NUM_CLASSES, FidelityModel, load_digit_images, load_fidelity_model
-from .sampling import classifier_accuracy, classifier_features, frechet_distance, mse_per_image, psnr_per_image, sample_digits
+from .sampling import (classifier_accuracy, classifier_features, frechet_distance, mse_per_image, psnr_per_image,
+                       sample_digits)
 
 OUT_DIR = RESULTS_DIR / "fidelity"
 # flops_per_step assumes SDXL's 8x VAE: our 32x32 "latent" is its 256x256 image.
@@ -80,7 +81,7 @@ class Run:
 
 def tomesd_kwargs(ratio: float, max_downsample: int) -> dict:
     # Merging before all three sub-layers: merging before self-attention only saves at most 20% of this
-    # UNet's FLOPs (both levels, ratio 0.75), short of AT-EDM's 0.63 budget (23%) and beyond.
+    # UNet's FLOPs (both levels, ratio 0.75), short of AT-EDM's 0.63 budget (22%) and beyond.
     return dict(ratio=ratio, max_downsample=max_downsample, merge_attn=True, merge_crossattn=True, merge_mlp=True)
 
 
@@ -283,7 +284,8 @@ def _map_statistics(attn, hidden_states: torch.Tensor, clean: torch.Tensor, prun
     }
 
 
-def score_runs(model, runs, samples, labels, real_features, counted, args) -> list[dict]:
+def score_runs(model, runs, samples, labels, real_features, counted) -> list[dict]:
+    """One CSV row per run: its FLOPs and its scores against the unpruned samples and the real digits."""
     reference = samples["unpruned"]
     def similarity(run: Run) -> str:
         return run.atedm_config.similarity if run.atedm_config else "attention"
@@ -332,7 +334,8 @@ def plot_psnr_vs_flops(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for method, marker in (("gwpr", "o"), ("column_sum", "s"), ("random", "x"), ("tomesd", "^"), ("tomesd_level2", "v")):
+    markers = {"gwpr": "o", "column_sum": "s", "random": "x", "tomesd": "^", "tomesd_level2": "v"}
+    for method, marker in markers.items():
         points = sorted((r["flops_vs_full"], r["psnr_db"], r["psnr_sem_db"]) for r in rows
                         if r["method"] == method and r["group"] == "budget")
         if points:
@@ -387,8 +390,8 @@ def write_summary(rows, attention_rows, header: str, path: Path) -> None:
                 or (r["method"] in ("gwpr", "column_sum") and r["budget_prune_ratio"] == ABLATION_RATIO)]
     columns = ["run", "unet_gflops_per_step", "flops_vs_full", "tomesd_ratio", "psnr_db", "psnr_sem_db", "mse",
                "psnr_gain_vs_random_db", "wins_vs_random", "accuracy", "frechet_distance"]
-    ablation_columns = ["run", "gwpr_iterations", "dsap_fraction", "similarity", "flops_vs_full", "psnr_db", "psnr_sem_db",
-                        "psnr_gain_vs_random_db", "accuracy", "frechet_distance"]
+    ablation_columns = ["run", "gwpr_iterations", "dsap_fraction", "similarity", "flops_vs_full", "psnr_db",
+                        "psnr_sem_db", "psnr_gain_vs_random_db", "accuracy", "frechet_distance"]
     attention_columns = ["model", "timestep", "tokens", "blocks", "row_entropy", "head_row_entropy",
                          "row_max_x_tokens", "k1_k3_kept_overlap", "kept_score_share", "kept_share_if_uniform",
                          "stroke_share", "gwpr_kept_on_stroke", "gwpr_pruned_to_kept_distance",
@@ -444,7 +447,7 @@ def main() -> None:
     floor_psnr = psnr_per_image(floor_images, samples["unpruned"]).mean().item()
 
     real_images, _ = load_digit_images()
-    rows = score_runs(model, runs, samples, labels, classifier_features(model, real_images), counted, args)
+    rows = score_runs(model, runs, samples, labels, classifier_features(model, real_images), counted)
     environment = environment_info("cpu") | {"diffusers": diffusers.__version__, "tomesd": metadata.version("tomesd")}
     setting = {"num_images": args.num_images, "ddim_steps": args.steps, "guidance": args.guidance,
                "threads": args.threads, "trained_steps": model.record["settings"]["steps"]}
@@ -456,7 +459,8 @@ def main() -> None:
     torch.manual_seed(0)
     random_weights = type(trained).from_config(unet_config).eval()
     attention_rows = [{"model": "trained", **row} for row in attention_statistics(trained, model, ABLATION_RATIO)]
-    attention_rows += [{"model": "random init", **row} for row in attention_statistics(random_weights, model, ABLATION_RATIO)]
+    attention_rows += [{"model": "random init", **row}
+                       for row in attention_statistics(random_weights, model, ABLATION_RATIO)]
     attention_path = out_dir / "attention.csv"
     attention_path.unlink(missing_ok=True)
     write_rows(attention_path, attention_rows)

@@ -1,7 +1,8 @@
 """The fidelity model: an SDXL-shaped UNet denoiser of digits, its label conditioning and a digit classifier.
 
 Random weights attend almost uniformly, so they cannot tell a good token ranking from a bad one. This
-module defines a model small enough to train on one CPU thread whose attention is learned:
+module defines a model small enough to train on one CPU thread whose attention is learned (how peaked
+it became is measured in benchmarks/RESULTS.md):
 
 * data: scikit-learn's 8x8 digits (1797 images, no download), scaled to [-1, 1] and upsampled
   bilinearly to 32x32, one channel. The image is the "latent" (no VAE), so its 32x32 grid gives SDXL's
@@ -53,8 +54,9 @@ def unet_config() -> dict:
         sample_size=IMAGE_SIZE,
         block_out_channels=[16, 32, 64],
         # diffusers reads SDXL's "attention_head_dim" as the number of heads: heads of width 32 at both
-        # levels (1 at level 2, 2 at level 3). Width-16 heads trained to near-uniform maps (row entropy
-        # above 0.96 of uniform's in a 600-step pilot); wider heads can form larger logits.
+        # levels (1 at level 2, 2 at level 3). Width-16 heads kept near-uniform maps in a 600-step pilot
+        # (row entropy above 0.96 of uniform's); width 32 sharpened level 3 (per-head 0.87-0.92), not
+        # level 2 (0.97-0.99; see benchmarks/RESULTS.md).
         attention_head_dim=[1, 1, 2],
         transformer_layers_per_block=[1, 2, 3],
         cross_attention_dim=CROSS_ATTENTION_DIM,
@@ -147,8 +149,8 @@ def save_fidelity_model(directory: Path, unet: UNet2DConditionModel, conditioner
     save_file({name: t.to(torch.float16).contiguous() for name, t in unet.state_dict().items()},
               directory / "unet" / "diffusion_pytorch_model.safetensors")
     DDPMScheduler.from_config(scheduler_config()).save_pretrained(directory / "scheduler")
-    save_file({name: t.contiguous() for name, t in conditioner.state_dict().items()}, directory / "conditioner.safetensors")
-    save_file({name: t.contiguous() for name, t in classifier.state_dict().items()}, directory / "classifier.safetensors")
+    for name, module in (("conditioner", conditioner), ("classifier", classifier)):
+        save_file({key: t.contiguous() for key, t in module.state_dict().items()}, directory / f"{name}.safetensors")
     save_record(directory, record)
 
 

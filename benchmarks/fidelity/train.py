@@ -1,6 +1,6 @@
 """Train the fidelity model on this CPU: an SDXL-shaped UNet denoiser of digits and a digit classifier.
 
-    python -m benchmarks.fidelity.train                 # one thread, ~20 min; writes benchmarks/fidelity/model/
+    python -m benchmarks.fidelity.train                 # one thread, ~22 min CPU; writes benchmarks/fidelity/model/
     python -m benchmarks.fidelity.train --steps 50 --out /tmp/fid-model   # a quick smoke run
 
 What it does (see ``benchmarks/fidelity/model.py`` for the architecture and data):
@@ -142,7 +142,8 @@ def train_denoiser(images, labels, args, generator) -> tuple[Denoiser, list[floa
         if (step + 1) % max(1, args.steps // 10) == 0 or step + 1 == args.steps:
             losses.append(sum(window) / len(window))
             window = []
-            print(f"  step {step + 1:5d}/{args.steps}  loss {losses[-1]:.4f}  {time.perf_counter() - start:7.1f} s", flush=True)
+            elapsed = time.perf_counter() - start
+            print(f"  step {step + 1:5d}/{args.steps}  loss {losses[-1]:.4f}  {elapsed:7.1f} s", flush=True)
     return ema.average, losses
 
 
