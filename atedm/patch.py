@@ -24,7 +24,15 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from atedm_kernels import attention_with_lse, gather_tokens, num_kept_tokens, plan_token_pruning, scatter_recover
+from atedm_kernels import (
+    attention_with_lse,
+    attention_with_map,
+    gather_tokens,
+    num_kept_tokens,
+    one_pass_map_applies,
+    plan_token_pruning,
+    scatter_recover,
+)
 
 from .compat import check_diffusers_version
 from .config import ATEDMConfig
@@ -73,20 +81,26 @@ class PruningSelfAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        out, lse = attention_with_lse(query, key, value, scale=attn.scale, backend=config.backend)
+        plan_switches = dict(iterations=config.gwpr_iterations, head_reduction=config.head_reduction,
+                             similarity=config.similarity, ranking=config.ranking, backend=config.backend)
+        if one_pass_map_applies(query, **plan_switches):
+            # CPU: attention and Abar from the same probabilities (a second pass would cost a whole
+            # attention again); Abar then carries everything the plan reads.
+            out, attention_map = attention_with_map(query, key, value, scale=attn.scale)
+            lse = None
+        else:
+            out, lse = attention_with_lse(query, key, value, scale=attn.scale, backend=config.backend)
+            attention_map = None
         with self.state.overhead_scope():
             keep, src = plan_token_pruning(
                 query,
                 key,
                 lse,
                 num_kept_tokens(num_tokens, block.active_ratio),
-                iterations=config.gwpr_iterations,
-                head_reduction=config.head_reduction,
+                attention_map=attention_map,
                 cfg_mask_mode=config.cfg_mask_mode,
-                similarity=config.similarity,
-                ranking=config.ranking,
                 scale=attn.scale,
-                backend=config.backend,
+                **plan_switches,
             )
         block.keep.append(keep)
         block.src.append(src)

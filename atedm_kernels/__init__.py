@@ -5,9 +5,9 @@ This package never imports diffusers; ``atedm`` wires these ops into SDXL's tran
 
 from ._dispatch import BACKENDS, resolve_backend
 from .attention_lse import attention_with_lse, attention_with_lse_ref
-from .attention_map import head_mean_attention_map, head_mean_attention_map_ref
-from .gwpr import HEAD_REDUCTIONS, gwpr_power_iteration_ref, gwpr_scores, gwpr_scores_ref
-from .prune_plan import plan_token_pruning
+from .attention_map import attention_with_map, head_mean_attention_map, head_mean_attention_map_ref
+from .gwpr import HEAD_REDUCTIONS, gwpr_power_iteration, gwpr_power_iteration_ref, gwpr_scores, gwpr_scores_ref
+from .prune_plan import one_pass_map_applies, plan_token_pruning
 from .recovery import SIMILARITY_RULES, recovery_source, recovery_source_ref, scatter_recover, scatter_recover_ref
 from .topk_gather import (
     CFG_MASK_MODES,
@@ -26,14 +26,17 @@ __all__ = [
     "SIMILARITY_RULES",
     "attention_with_lse",
     "attention_with_lse_ref",
+    "attention_with_map",
     "gather_tokens",
     "gather_tokens_ref",
+    "gwpr_power_iteration",
     "gwpr_power_iteration_ref",
     "gwpr_scores",
     "gwpr_scores_ref",
     "head_mean_attention_map",
     "head_mean_attention_map_ref",
     "num_kept_tokens",
+    "one_pass_map_applies",
     "plan_token_pruning",
     "recovery_source",
     "recovery_source_ref",

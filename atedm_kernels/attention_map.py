@@ -217,3 +217,56 @@ def head_mean_attention_map(
     if resolve_backend(backend, q, k, lse) == "triton":
         return _head_mean_attention_map_triton(q, k, lse, scale, out_dtype)
     return head_mean_attention_map_ref(q, k, lse, scale, out_dtype)
+
+
+# One (B, H, rows, Nk) probability chunk of about this many bytes: measured on a 2-core EPYC (bf16,
+# SDXL level 2 at 1024 px), 4-8 MB chunks run the pass as fast as PyTorch's fused CPU attention, while
+# 64 MB chunks (what a plain chunked reference uses) run it 1.5-2x slower: the chunk must stay in cache
+# between the softmax, the P V product and the head sum.
+_ONE_PASS_CHUNK_BYTES = 6 * 1024 * 1024
+
+
+def attention_with_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output (B, H, Nq, d) and Abar (B, Nq, Nk) fp32 from one pass over the probabilities.
+
+    The CPU production path of a pruning layer. Plain SDPA cannot hand out its probabilities, so the
+    two-pass route (``attention_with_lse`` then ``head_mean_attention_map``) pays for every exp twice;
+    on the CPU the second pass in fp32 cost about twice the attention itself at 1024 px. Here each chunk
+    of query rows goes softmax(q k^T) -> (P V, sum over heads of P) while it is in cache, in the model's
+    dtype with fp32 head sums, so the map costs a few percent over attention (see RESULTS.md).
+
+    No lse is returned: the integration takes this path only when nothing downstream needs it (the mean
+    walk and the map-based recovery rules read Abar; ``prune_plan.one_pass_map_applies``).
+    """
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q, k, v must be (B, H, N, d) with matching B, H, d and k, v alike; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, num_heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    if num_heads == 0 or head_dim == 0 or n_k == 0:
+        raise ValueError(f"attention_with_map needs at least one head, key and head dim; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
+    check_same_device(q=q, k=k, v=v)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    attention_map = torch.empty(batch, n_q, n_k, dtype=torch.float32, device=q.device)
+    rows = max(1, _ONE_PASS_CHUNK_BYTES // max(1, batch * num_heads * n_k * q.element_size()))
+    # fp16 logits of magnitude L carry a relative error of about L * 2^-11 into every probability (0.3%
+    # at SDXL's logits), beyond what fp16 attention kernels give; the CPU has no fast fp16 matmul to lose,
+    # so fp16 scores are formed in fp32. bf16 stays bf16: that is the CPU's fast path.
+    compute_dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
+    keys_t = k.transpose(-1, -2).to(compute_dtype)
+    for r0 in range(0, n_q, rows):
+        r1 = min(n_q, r0 + rows)
+        probs = torch.softmax(torch.matmul(q[:, :, r0:r1].to(compute_dtype) * scale, keys_t), dim=-1)
+        out[:, :, r0:r1] = torch.matmul(probs.to(v.dtype), v)
+        # Head sum as H - 1 adds into the fp32 rows: torch.sum over the head dim of a bf16 chunk took a
+        # slow strided path on some chunk sizes (10x slower at 128 rows than at 64).
+        acc = attention_map[:, r0:r1]
+        acc.copy_(probs[:, 0])
+        for head in range(1, num_heads):
+            acc.add_(probs[:, head])
+    return out, attention_map.mul_(1.0 / num_heads)

@@ -86,6 +86,19 @@ def gwpr_power_iteration_ref(attention_map: torch.Tensor, iterations: int) -> to
     return scores
 
 
+def gwpr_power_iteration(attention_map: torch.Tensor, iterations: int) -> torch.Tensor:
+    """G-WPR (``mean`` reduction) over an Abar that is already built, e.g. by ``attention_with_map``.
+
+    K matrix-vector products over the map: memory-bound BLAS calls on the CPU, where the one-pass path
+    uses it. (On CUDA ``gwpr_scores`` with ``attention_map`` runs the Triton power step.)
+    """
+    if attention_map.dim() != 3 or attention_map.shape[1] != attention_map.shape[2] or attention_map.shape[2] == 0:
+        raise ValueError(f"attention_map must be (B, N, N) with N >= 1; got {tuple(attention_map.shape)}")
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an int >= 1; got {iterations!r}")
+    return gwpr_power_iteration_ref(attention_map, iterations)
+
+
 def gwpr_scores_ref(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -25,7 +25,7 @@ import torch
 
 from ._dispatch import resolve_backend
 from .attention_map import head_mean_attention_map
-from .gwpr import gwpr_scores, materialize_attention_map
+from .gwpr import gwpr_power_iteration, gwpr_scores, materialize_attention_map
 from .recovery import recovery_source
 from .topk_gather import share_cfg_scores, topk_keep_indices
 
@@ -35,10 +35,36 @@ MAP_SIMILARITY_RULES = ("attention", "attention_transposed", "symmetric")
 RANKINGS = ("gwpr", "random")
 
 
+def one_pass_map_applies(
+    q: torch.Tensor,
+    *,
+    iterations: int = 3,
+    head_reduction: str = "mean",
+    similarity: str = "attention",
+    ranking: str = "gwpr",
+    backend: str = "auto",
+) -> bool:
+    """Whether the pruning layer should run ``attention_with_map`` (attention and Abar from one pass).
+
+    True on the PyTorch path of real (non-meta) CPU tensors when the plan reads Abar, needs nothing but
+    Abar (the ``rms`` walk needs each head's map, hence lse) and Abar would be materialized anyway. On
+    CUDA the Triton kernels rebuild the map from lse instead; meta tensors (the FLOPs counter) keep the
+    two-pass route, so counted overheads stay those of the published method.
+    """
+    if q.device.type != "cpu" or resolve_backend(backend, q) != "torch":
+        return False
+    if ranking == "gwpr" and head_reduction != "mean":
+        return False
+    if not ((ranking == "gwpr") or similarity in MAP_SIMILARITY_RULES):
+        return False
+    batch, num_heads, num_tokens, _ = q.shape
+    return num_tokens > 0 and materialize_attention_map(batch, num_heads, num_tokens, iterations)
+
+
 def plan_token_pruning(
     q: torch.Tensor,
     k: torch.Tensor,
-    lse: torch.Tensor,
+    lse: torch.Tensor | None,
     num_keep: int,
     *,
     iterations: int = 3,
@@ -48,18 +74,32 @@ def plan_token_pruning(
     ranking: str = "gwpr",
     scale: float | None = None,
     backend: str = "auto",
+    attention_map: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(keep_idx (B, k), src (B, N))`` for one block; q, k (B, H, N, d), lse (B, H, N)."""
+    """Return ``(keep_idx (B, k), src (B, N))`` for one block; q, k (B, H, N, d), lse (B, H, N).
+
+    ``attention_map`` is an Abar (B, N, N) already built (``attention_with_map``); with it ``lse`` may be
+    None as long as the plan reads nothing else (``one_pass_map_applies``).
+    """
     if ranking not in RANKINGS:
         raise ValueError(f"unknown ranking {ranking!r}; expected one of {RANKINGS}")
     batch, num_heads, num_tokens, _ = q.shape
     walks_map = ranking == "gwpr" and head_reduction == "mean"
     reads_map = walks_map or similarity in MAP_SIMILARITY_RULES
-    attention_map = None
-    if reads_map and materialize_attention_map(batch, num_heads, num_tokens, iterations):
+    if lse is None:
+        if attention_map is None or (ranking == "gwpr" and not walks_map):
+            raise ValueError("plan_token_pruning needs lse unless a prebuilt attention_map carries everything the "
+                             f"plan reads; got attention_map={attention_map is not None}, ranking={ranking!r}, "
+                             f"head_reduction={head_reduction!r}")
+        if attention_map.shape != (batch, num_tokens, num_tokens):
+            raise ValueError(f"attention_map must be (B, N, N) = {(batch, num_tokens, num_tokens)}; "
+                             f"got {tuple(attention_map.shape)}")
+    elif attention_map is None and reads_map and materialize_attention_map(batch, num_heads, num_tokens, iterations):
         map_dtype = torch.float16 if resolve_backend(backend, q, k, lse) == "triton" else torch.float32
         attention_map = head_mean_attention_map(q, k, lse, scale, out_dtype=map_dtype, backend=backend)
-    if ranking == "gwpr":
+    if ranking == "gwpr" and lse is None:
+        scores = gwpr_power_iteration(attention_map, iterations)
+    elif ranking == "gwpr":
         scores = gwpr_scores(q, k, lse, iterations, head_reduction, scale, attention_map, backend=backend)
     else:
         scores = torch.rand(batch, num_tokens, device=q.device)

@@ -9,7 +9,8 @@ import torch
 from conftest import requires_cuda
 from tolerances import tol
 
-from atedm_kernels import attention_with_lse_ref, head_mean_attention_map, head_mean_attention_map_ref
+from atedm_kernels import attention_with_lse_ref, attention_with_map, head_mean_attention_map, head_mean_attention_map_ref
+from atedm_kernels import attention_map as attention_map_module
 from atedm_kernels.attention_map import _head_mean_attention_map_launch, map_query_block
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,3 +113,38 @@ def test_fake_impl_gives_shape_and_dtype():
         lse = torch.empty(2, 3, 10)
         abar = torch.ops.atedm.head_mean_attention_map(q, k, lse, 0.25, torch.float16)
     assert abar.shape == (2, 10, 12) and abar.dtype == torch.float16
+
+
+# --- attention_with_map: attention and Abar from one pass (the CPU path of a pruning layer) ---------
+
+ONE_PASS_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", ONE_PASS_DTYPES)
+@pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 30])  # one row per chunk, ragged chunks, one chunk
+@pytest.mark.parametrize("batch, heads, n_q, n_k, head_dim", [(1, 1, 1, 1, 8), (2, 3, 37, 53, 16), (2, 5, 64, 64, 40)])
+def test_attention_with_map_matches_two_pass_reference(monkeypatch, dtype, chunk_bytes, batch, heads, n_q, n_k, head_dim):
+    monkeypatch.setattr(attention_map_module, "_ONE_PASS_CHUNK_BYTES", chunk_bytes)
+    # Strided views, as the processor passes them: (B, N, H, d) storage seen as (B, H, N, d).
+    q = torch.randn(batch, n_q, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
+    k = torch.randn(batch, n_k, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
+    v = torch.randn(batch, n_k, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
+    scale = 0.3
+    out, abar = attention_with_map(q, k, v, scale)
+    ref_out, ref_lse = attention_with_lse_ref(q, k, v, scale)
+    ref_map = head_mean_attention_map_ref(q, k, ref_lse, scale)
+    assert out.dtype == dtype and abar.dtype == torch.float32 and abar.shape == (batch, n_q, n_k)
+    torch.testing.assert_close(out.float(), ref_out.float(), **tol(dtype))
+    torch.testing.assert_close(abar * n_k, ref_map * n_k, **tol(dtype))
+
+
+def test_attention_with_map_rejects_bad_operands():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="dtype"):
+        attention_with_map(q, q.double(), q.double())
+    with pytest.raises(ValueError, match=r"\(B, H, N, d\)"):
+        attention_with_map(q, q[:, :1], q[:, :1])
+    with pytest.raises(ValueError, match="one device"):
+        attention_with_map(q, q.to("meta"), q)
+    with pytest.raises(ValueError, match="at least one head"):
+        attention_with_map(q[:, :0], q[:, :0], q[:, :0])

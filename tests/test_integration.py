@@ -266,3 +266,35 @@ def test_refiner_shaped_unet_derives_its_dsap_blocks_and_prunes():
     assert state.blocks["up_blocks.1.attentions.0"].level == 3 and state.blocks["up_blocks.2.attentions.0"].level == 2
     out = run_unet(refiner, unet_inputs(batch=2, height=16, width=16))
     assert torch.isfinite(out).all() and state.pruned_calls == len(state.blocks)
+
+
+def test_cpu_one_pass_route_matches_the_two_pass_route(unet, monkeypatch):
+    """On the CPU the pruning layer gets Abar from attention_with_map; forcing the two-pass route
+    (attention_with_lse, then the map from lse) must keep the same tokens and give the same output."""
+    import atedm.patch as patch
+
+    inputs = unet_inputs(batch=2)
+    routes, kept = [], []
+    original_one_pass, original_plan = patch.attention_with_map, patch.plan_token_pruning
+
+    def one_pass_spy(*args, **kwargs):
+        routes.append("one_pass")
+        return original_one_pass(*args, **kwargs)
+
+    def plan_spy(*args, **kwargs):
+        keep, src = original_plan(*args, **kwargs)
+        kept.append(keep)
+        return keep, src
+
+    monkeypatch.setattr(patch, "attention_with_map", one_pass_spy)
+    monkeypatch.setattr(patch, "plan_token_pruning", plan_spy)
+    atedm.apply(unet, "c", dsap_fraction=0.0)
+    one_pass = run_unet(unet, inputs)
+    one_pass_kept, kept[:] = list(kept), []
+    # The tiny UNet's 4-head level-2 blocks recompute instead of building a map; the rest build one.
+    assert 1 <= len(routes) <= len(one_pass_kept) == 11
+    monkeypatch.setattr(patch, "one_pass_map_applies", lambda *args, **kwargs: False)
+    two_pass = run_unet(unet, inputs)
+    assert len(routes) <= 11 and len(kept) == 11
+    assert all(torch.equal(a, b) for a, b in zip(one_pass_kept, kept))
+    torch.testing.assert_close(one_pass, two_pass, atol=1e-4, rtol=1e-3)

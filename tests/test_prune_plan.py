@@ -6,7 +6,7 @@ from conftest import requires_cuda
 from tolerances import tol
 
 import atedm_kernels.prune_plan as prune_plan
-from atedm_kernels import attention_with_lse_ref, plan_token_pruning
+from atedm_kernels import attention_with_lse_ref, attention_with_map, one_pass_map_applies, plan_token_pruning
 
 
 def qk_lse(batch=2, heads=2, n=96, d=16):
@@ -69,3 +69,46 @@ def test_triton_chain_at_real_sdxl_shapes(shape, dtype):
     agree = keep.eq(ref_keep).all(dim=1)  # src slots are comparable where the kept lists are equal
     if agree.any():
         assert (src[agree] == ref_src[agree]).float().mean() > 0.99
+
+
+# --- the one-pass CPU route: Abar from attention_with_map, no lse --------------------------------
+
+
+@pytest.mark.parametrize("similarity", ["attention", "attention_transposed", "symmetric", "key_cosine"])
+@pytest.mark.parametrize("ranking", ["gwpr", "random"])
+def test_plan_from_a_prebuilt_map_needs_no_lse(similarity, ranking):
+    q, k, v = (torch.randn(2, 3, 72, 16) for _ in range(3))
+    _, attention_map = attention_with_map(q, k, v)
+    _, lse = attention_with_lse_ref(q, k, v)
+    switches = dict(iterations=2, similarity=similarity, ranking=ranking, backend="torch")
+    torch.manual_seed(7)
+    got = plan_token_pruning(q, k, None, 25, attention_map=attention_map, **switches)
+    torch.manual_seed(7)  # the random ranking draws the same scores in both calls
+    expected = plan_token_pruning(q, k, lse, 25, attention_map=attention_map, **switches)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    # and the one-pass map ranks like the two-pass fp32 map: same kept set at fp32 precision.
+    if ranking == "gwpr":
+        two_pass = plan_token_pruning(q, k, lse, 25, **switches)
+        assert torch.equal(got[0], two_pass[0])
+
+
+def test_plan_without_lse_refuses_what_needs_it():
+    q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
+    _, attention_map = attention_with_map(q, k, v)
+    with pytest.raises(ValueError, match="needs lse"):
+        plan_token_pruning(q, k, None, 5, backend="torch")
+    with pytest.raises(ValueError, match="needs lse"):
+        plan_token_pruning(q, k, None, 5, attention_map=attention_map, head_reduction="rms", backend="torch")
+    with pytest.raises(ValueError, match=r"\(B, N, N\)"):
+        plan_token_pruning(q, k, None, 5, attention_map=attention_map[:, :4], backend="torch")
+
+
+def test_one_pass_route_is_taken_exactly_where_only_the_map_is_read(monkeypatch):
+    q = torch.randn(2, 10, 256, 8)
+    assert one_pass_map_applies(q)
+    assert one_pass_map_applies(q, ranking="random", similarity="symmetric")
+    assert not one_pass_map_applies(q, head_reduction="rms")  # per-head maps need lse
+    assert not one_pass_map_applies(q, ranking="random", similarity="key_cosine")  # reads no map
+    assert not one_pass_map_applies(q.to("meta"))  # the FLOPs counter keeps the published two-pass cost
+    monkeypatch.setattr(prune_plan, "materialize_attention_map", lambda *args: False)
+    assert not one_pass_map_applies(q)  # a map over budget is never built
