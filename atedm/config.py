@@ -12,6 +12,10 @@ from atedm_kernels import BACKENDS, CFG_MASK_MODES, HEAD_REDUCTIONS, SIMILARITY_
 from atedm_kernels.prune_plan import RANKINGS
 
 PRUNE_MODES = ("once", "every_layer")
+# Where in a block the tokens are cut: after the first transformer layer (the paper's, for SDXL's deep
+# blocks) or right after the first layer's self-attention, so that its cross-attention and feed-forward
+# already run on the kept tokens (SD 1.5/2.x, whose blocks have one layer, save nothing otherwise).
+PRUNE_POINTS = ("first_layer", "first_self_attention")
 
 # The published early-phase list for SDXL: the first attention block of each down stage and the last of
 # each up stage stay unpruned while the attention maps are still noisy. ``dsap_blocks=None`` applies the
@@ -49,6 +53,12 @@ class ATEDMConfig:
         prune_mode: ``"once"`` prunes after the first layer of a block only (the paper's operating
             points); ``"every_layer"`` prunes again after every later layer but the last, each time
             ``prune_ratio`` of the tokens still present, and recovery composes the copies.
+        prune_after: ``"first_layer"`` (the paper's) cuts the tokens after a block's first transformer
+            layer and needs blocks of two or more layers (SDXL); ``"first_self_attention"`` cuts them
+            right after the first layer's self-attention (its residual add included), so that layer's
+            cross-attention and feed-forward and all later layers run on the kept tokens. That reaches
+            SD 1.5/2.x-style UNets, whose blocks have a single layer, and prunes SDXL deeper. Needs
+            ``prune_mode="once"``; not a published operating point.
         dsap_fraction: the share of denoising steps that form DSAP's early phase (0 disables DSAP).
         dsap_blocks: attention blocks (module names inside the UNet) that prune less in the early phase;
             ``None`` (default) takes the published rule: the first attention block of every down stage
@@ -67,6 +77,7 @@ class ATEDMConfig:
     ranking: str = "gwpr"
     prune_levels: tuple[int, ...] | None = None
     prune_mode: str = "once"
+    prune_after: str = "first_layer"
     dsap_fraction: float = 0.1
     dsap_blocks: tuple[str, ...] | None = None
     dsap_early_ratio: float | None = None
@@ -83,6 +94,10 @@ class ATEDMConfig:
         _check_choice("similarity", self.similarity, SIMILARITY_RULES)
         _check_choice("ranking", self.ranking, RANKINGS)
         _check_choice("prune_mode", self.prune_mode, PRUNE_MODES)
+        _check_choice("prune_after", self.prune_after, PRUNE_POINTS)
+        if self.prune_after == "first_self_attention" and self.prune_mode != "once":
+            raise ValueError("prune_after='first_self_attention' prunes once per block; it needs prune_mode='once' "
+                             f"(got {self.prune_mode!r})")
         _check_choice("backend", self.backend, BACKENDS)
         if isinstance(self.dsap_fraction, bool) or not isinstance(self.dsap_fraction, (int, float)) or not 0.0 <= self.dsap_fraction <= 1.0:
             raise ValueError(f"dsap_fraction must be a number in [0, 1]; got {self.dsap_fraction!r}")

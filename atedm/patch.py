@@ -6,7 +6,10 @@ extension points:
 * a forward pre-hook on the block decides whether it prunes in this call (level, DSAP phase);
 * the first layer's self-attention gets ``PruningSelfAttnProcessor``: it computes the attention output
   together with the row log-sum-exp, then the pruning plan (G-WPR scores, kept indices, recovery sources);
-* a forward hook on the first layer returns only the kept rows, so later layers run on k tokens;
+* a forward hook on the first layer returns only the kept rows, so later layers run on k tokens
+  (with ``prune_after="first_self_attention"`` a forward pre-hook on the first layer runs its
+  self-attention and residual add instead and passes the kept rows on, so even the first layer's
+  cross-attention and feed-forward run on k tokens: the mode for SD 1.5/2.x's single-layer blocks);
 * a forward hook on the last layer rebuilds the full (B, N, C) stream by similarity-based copy, so the
   block's ``proj_out``, reshape and residual add see the whole grid again;
 * a forward pre-hook on the UNet sets the DSAP phase from the timestep it receives.
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from atedm_kernels import (
@@ -59,6 +63,11 @@ class PruningSelfAttnProcessor:
         block, config = self.block, self.state.config
         if block.active_ratio is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        if block.self_attention_done:
+            # prune_after="first_self_attention": this self-attention already ran on every token in the
+            # layer's pre-hook and its residual sum is the kept rows the layer now sees; add nothing.
+            block.self_attention_done = False
+            return hidden_states.new_zeros(*hidden_states.shape[:-1], attn.out_dim)
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.dim() != 3:
             raise RuntimeError(
                 f"AT-EDM prunes from plain self-attention on (B, N, C) tokens; block {block.name} got "
@@ -141,11 +150,15 @@ def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig) -> dict[str, B
         if isinstance(module, Transformer2DModel) and module.is_input_continuous
     }
     blocks = {}
+    after_self_attention = config.prune_after == "first_self_attention"
+    min_depth = 1 if after_self_attention else 2
     for name, module in attention_blocks.items():
         depth = len(module.transformer_blocks)
         level = _block_level(name, unet)
-        if depth < 2 or (config.prune_levels is not None and level not in config.prune_levels):
+        if depth < min_depth or (config.prune_levels is not None and level not in config.prune_levels):
             continue
+        if after_self_attention:
+            _check_cuttable_after_self_attention(f"{name}.transformer_blocks.0", module.transformer_blocks[0])
         pruning_layers = (0,) if config.prune_mode == "once" else tuple(range(depth - 1))
         for index in pruning_layers:
             attn = module.transformer_blocks[index].attn1
@@ -162,16 +175,35 @@ def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig) -> dict[str, B
                 raise ValueError(f"{name}.transformer_blocks.{index}.attn1 is not a plain self-attention")
         blocks[name] = BlockState(name=name, level=level, depth=depth, pruning_layers=pruning_layers)
     if not blocks:
+        hint = ("; single-layer blocks (SD 1.5/2.x) can prune with prune_after='first_self_attention'"
+                if not after_self_attention and attention_blocks else "")
         raise ValueError(
-            "found no SDXL-style attention block to prune: AT-EDM needs Transformer2DModel blocks with at "
-            f"least two transformer layers (at prune_levels={config.prune_levels}); this UNet has "
-            f"{ {n: len(m.transformer_blocks) for n, m in attention_blocks.items()} or 'none'}"
+            f"found no attention block to prune: AT-EDM needs Transformer2DModel blocks with at least {min_depth} "
+            f"transformer layer(s) (at prune_levels={config.prune_levels}); this UNet has "
+            f"{ {n: len(m.transformer_blocks) for n, m in attention_blocks.items()} or 'none'}{hint}"
         )
     if config.dsap_blocks is not None:
         unknown = sorted(set(config.dsap_blocks) - set(attention_blocks))
         if unknown and config.dsap_fraction > 0:
             raise ValueError(f"dsap_blocks {unknown} are not attention blocks of this UNet; it has {sorted(attention_blocks)}")
     return blocks
+
+
+def _check_cuttable_after_self_attention(name: str, layer: torch.nn.Module) -> None:
+    """prune_after="first_self_attention" runs the layer's norm1 + attn1 + residual in a pre-hook, as
+    diffusers' BasicTransformerBlock does for its plain pre-norm layout; refuse any other layout."""
+    plain = (
+        isinstance(layer, BasicTransformerBlock)
+        and getattr(layer, "norm_type", None) == "layer_norm"
+        and not getattr(layer, "only_cross_attention", False)
+        and getattr(layer, "pos_embed", None) is None
+    )
+    if not plain:
+        raise ValueError(
+            f"{name} is not a plain pre-norm transformer layer ({type(layer).__name__}, norm_type="
+            f"{getattr(layer, 'norm_type', None)!r}); prune_after='first_self_attention' supports "
+            "BasicTransformerBlock with norm_type='layer_norm' (SDXL, SD 1.5/2.x)"
+        )
 
 
 def dsap_block_names(unet: UNet2DConditionModel) -> tuple[str, ...]:
@@ -218,6 +250,10 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> list:
             layer.attn1.set_processor(PruningSelfAttnProcessor(state, block, original))
             undo.append(lambda attn=layer.attn1, original=original: attn.set_processor(original))
 
+            if state.config.prune_after == "first_self_attention":
+                undo.append(layer.register_forward_pre_hook(_cut_after_self_attention_hook(state, block), with_kwargs=True).remove)
+                continue
+
             def gather_hook(mod, args, output, block=block, position=position):
                 if block.active_ratio is None:
                     return None
@@ -242,6 +278,39 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> list:
 
         undo.append(module.transformer_blocks[-1].register_forward_hook(recover_hook).remove)
     return undo
+
+
+def _cut_after_self_attention_hook(state: ATEDMState, block: BlockState):
+    """Pre-hook of a block's first layer for prune_after="first_self_attention".
+
+    It runs the layer's first step itself, h + attn1(norm1(h)), exactly as BasicTransformerBlock does
+    (our processor computes the pruning plan there), and hands the layer only the kept rows of that sum;
+    the layer's own attn1 call then adds zero, and its cross-attention and feed-forward run on k tokens.
+    """
+
+    def hook(layer, args, kwargs):
+        if block.active_ratio is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.dim() != 3:
+            raise RuntimeError(f"{block.name}: prune_after='first_self_attention' expects (B, N, C) tokens; got "
+                               f"{tuple(hidden.shape)}")
+        cross_attention_kwargs = dict(kwargs.get("cross_attention_kwargs") or {})
+        if cross_attention_kwargs.pop("gligen", None) is not None:
+            raise RuntimeError(f"{block.name}: GLIGEN inputs are not supported with prune_after='first_self_attention'")
+        attention_output = layer.attn1(layer.norm1(hidden), encoder_hidden_states=None,
+                                       attention_mask=kwargs.get("attention_mask"), **cross_attention_kwargs)
+        if not block.keep:
+            raise RuntimeError(f"AT-EDM's processor did not run in {block.name}; was attn1's processor replaced?")
+        summed = attention_output + hidden
+        with state.overhead_scope():
+            kept = gather_tokens(summed, block.keep[0], backend=state.config.backend)
+        block.self_attention_done = True
+        if args:
+            return (kept, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kept}
+
+    return hook
 
 
 def apply(pipe_or_unet, config: ATEDMConfig | str | None = None, **overrides):

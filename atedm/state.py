@@ -34,12 +34,16 @@ class BlockState:
     # Filled layer by layer during the call: kept indices and recovery sources per pruning layer.
     keep: list[torch.Tensor] = field(default_factory=list)
     src: list[torch.Tensor] = field(default_factory=list)
+    # prune_after="first_self_attention": the first layer's self-attention already ran (in the layer's
+    # pre-hook); its next call inside that layer must add nothing.
+    self_attention_done: bool = False
     # Statistics, for tests and reports.
     pruned_calls: int = 0
     kept_tokens: tuple[int, ...] = ()
 
     def clear_call(self) -> None:
         self.active_ratio = None
+        self.self_attention_done = False
         self.keep.clear()
         self.src.clear()
 

@@ -108,8 +108,9 @@ def test_inpainting_pipeline_runs_pruned(pipe):
 
 
 def test_sd15_style_unets_with_single_layer_blocks_are_refused_clearly():
-    """SD 1.5/2.x attention blocks have one transformer layer: pruning after it saves nothing."""
+    """SD 1.5/2.x attention blocks have one transformer layer: pruning after it saves nothing, so the
+    default mode refuses them and names the mode that prunes them (tests/test_single_layer_blocks.py)."""
     sd15_like = tiny_sdxl_unet(transformer_layers_per_block=1)
-    with pytest.raises(ValueError, match="at least two transformer layers"):
+    with pytest.raises(ValueError, match=r"at least 2 transformer layer.*prune_after='first_self_attention'"):
         atedm.apply(sd15_like)
     assert atedm.get_state(sd15_like) is None

@@ -10,6 +10,11 @@ Stages (``--stage``):
 * ``metrics``: FID / CLIP / TFLOPs from the images on disk; one process; every image must exist.
 
 Rerunning any stage is safe: finished images are kept, missing ones are generated.
+
+Before generating, the stages that compute metrics check the default metric models (those not injected):
+their libraries import, the CLIP model and tag exist, and (on rank 0) their weights are on disk,
+downloaded now if missing, so a missing library, a typo or an offline machine fails in seconds, not after
+hours of generation. Offline: --fid-weights FILE and --clip-pretrained FILE (see ``backends``).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import argparse
 import torch
 
 from .generate import RankInfo, generate_images, load_prompts, rank_from_env, wait_for_images
-from .metrics import ClipScorer, FeatureExtractor, check_default_metric_libraries, compute_metrics, reference_images
-from .settings import DTYPES, STAGES, EvalSettings
+from .backends import check_default_metrics
+from .metrics import ClipScorer, FeatureExtractor, compute_metrics, reference_images
+from .settings import DTYPES, FID_BACKENDS, FID_MODES, STAGES, EvalSettings
+from .tflops import resolve_configs
 
 
 def run_evaluation(settings: EvalSettings, stage: str = "all", feature_extractor: FeatureExtractor | None = None,
@@ -30,10 +37,12 @@ def run_evaluation(settings: EvalSettings, stage: str = "all", feature_extractor
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     ranks = rank_from_env() if ranks is None else ranks
-    if stage in ("all", "metrics"):
-        # Checked first: a wrong --reference or a missing library should not surface after the images.
+    if stage in ("all", "metrics") and (stage == "metrics" or ranks.rank == 0):
+        # Checked first: a wrong --reference, a missing library or unreachable weights should not surface
+        # after the images. Only the rank that computes the metrics checks (and downloads).
         reference_images(settings.reference)
-        check_default_metric_libraries(feature_extractor, clip_scorer)
+        resolve_configs(settings)  # an unreachable ToMe FLOPs budget, too
+        check_default_metrics(settings, feature_extractor, clip_scorer, fetch=True)
     if stage in ("all", "generate"):
         generate_images(settings, pipe=pipe, ranks=ranks, on_image_saved=on_image_saved, progress=progress)
         if torch.cuda.is_available():
@@ -79,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference", help="folder of reference images for FID (COCO val2017); not needed by --stage generate")
     parser.add_argument("--out", required=True, help="output folder: <out>/<config>/cfg<scale>/<image_id>.png and the results")
     parser.add_argument("--configs", type=_comma_list, default=("full", "a", "b", "c", "d", "dagger"),
-                        help="comma-separated: full, AT-EDM presets (a,b,c,d,dagger), tomesd:<ratio> (default: full,a,b,c,d,dagger)")
+                        help="comma-separated: full, AT-EDM presets (a,b,c,d,dagger), tomesd:<ratio>, tomesd@<preset or "
+                             "TFLOPs> (ToMe at matched FLOPs, e.g. tomesd@c) (default: full,a,b,c,d,dagger)")
     parser.add_argument("--cfg-scales", type=_scales, default=(7.0,), help="comma-separated guidance scales (default: 7)")
     parser.add_argument("--num-images", type=int, default=5000, help="captions to evaluate, one per image (default: 5000)")
     parser.add_argument("--seed", type=int, default=0)
@@ -92,13 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = float16 on CUDA, float32 elsewhere")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="AT-EDM backend")
     parser.add_argument("--stage", default="all", choices=STAGES)
-    parser.add_argument("--fid-mode", default="clean", choices=["clean", "legacy_tensorflow", "legacy_pytorch"],
+    parser.add_argument("--fid-backend", default="clean-fid", choices=FID_BACKENDS,
+                        help="library of the FID Inception features: clean-fid (default) or torch-fidelity (torchmetrics' network)")
+    parser.add_argument("--fid-mode", default="clean", choices=FID_MODES,
                         help="clean-fid mode of the FID features (default: clean, clean-fid's default)")
-    parser.add_argument("--clip-model", default="ViT-g-14")
-    parser.add_argument("--clip-pretrained", default="laion2b_s34b_b88k")
+    parser.add_argument("--fid-weights", help="local Inception weights file of the FID backend (no download)")
+    parser.add_argument("--clip-model", default="ViT-g-14", help="open_clip model of the CLIP score (default: ViT-g-14)")
+    parser.add_argument("--clip-pretrained", default="laion2b_s34b_b88k",
+                        help="open_clip pretrained tag, or a local checkpoint file (default: laion2b_s34b_b88k)")
     parser.add_argument("--metrics-batch-size", type=int, default=32)
     parser.add_argument("--wait-timeout", type=float, default=3600.0,
                         help="seconds rank 0 waits for the other ranks' images before giving up (default: 3600)")
+    parser.add_argument("--download-timeout", type=float, default=60.0,
+                        help="socket timeout in seconds of the metric weights' downloads (default: 60)")
     return parser
 
 
@@ -107,8 +123,9 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         model=args.model, captions=args.captions, reference=args.reference, out=args.out, configs=args.configs,
         cfg_scales=args.cfg_scales, num_images=args.num_images, seed=args.seed, steps=args.steps, height=args.height,
         width=args.width, batch_size=args.batch_size, device=args.device, dtype=args.dtype, backend=args.backend,
-        fid_mode=args.fid_mode, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-        metrics_batch_size=args.metrics_batch_size, wait_timeout_s=args.wait_timeout,
+        fid_backend=args.fid_backend, fid_mode=args.fid_mode, fid_weights=args.fid_weights, clip_model=args.clip_model,
+        clip_pretrained=args.clip_pretrained, metrics_batch_size=args.metrics_batch_size, wait_timeout_s=args.wait_timeout,
+        download_timeout_s=args.download_timeout,
     )
 
 

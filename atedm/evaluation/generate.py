@@ -9,7 +9,9 @@
 * Atomic: each PNG is written to a hidden temp file in its own folder, fsynced, then renamed over the
   final name with ``os.replace``: a reader, a resumed run or the metrics stage sees either no file or a
   whole one. Temp files left by a killed run are removed by the next run of the rank that owns them.
-* Deterministic: image i starts from a CPU generator seeded with ``image_seed(seed, image_id)``.
+* Deterministic: image i starts from a CPU generator seeded with ``image_seed(seed, image_id)`` (ToMe's
+  random merge choices are seeded from it too); matched ToMe ratios are solved on the FLOPs counter, a
+  pure function of the model's config, size and steps, so every rank and rerun applies the same ratio.
 * ``<out>/generation.json`` records what every image depends on (model, captions, seed, steps, size,
   dtype, batch size); a rerun with other values into the same folder is refused rather than mixing
   images of two settings. Configs, CFG scales and ``num_images`` may change between runs.
@@ -31,6 +33,7 @@ from PIL import Image, PngImagePlugin
 
 from .prompts import Prompt, image_seed, load_coco_captions, prompts_digest, select_prompts, shard_batches
 from .settings import EvalSettings, MethodConfig, cfg_dirname
+from .tflops import resolve_configs
 
 MANIFEST = "generation.json"
 TEMP_SUFFIX = ".tmp"
@@ -191,6 +194,7 @@ def generate_images(
     has_manifest = check_manifest(settings, digest, required=False)
     batches = shard_batches(prompts, ranks.rank, ranks.world_size, settings.batch_size)
     mine = {f"{prompt.image_id}.png" for batch in batches for prompt in batch}
+    configs = resolve_configs(settings)  # before the model loads: an unreachable FLOPs budget fails fast
     if pipe is None:
         pipe = load_pipeline(settings, rank_device(settings.device, ranks))
     settings.out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +202,7 @@ def generate_images(
         write_bytes_atomically(settings.out / MANIFEST, (json.dumps(manifest_for(settings, digest), indent=2) + "\n").encode())
     summary = GenerationSummary()
     tag = f"[rank {ranks.rank}/{ranks.world_size}]"
-    for config in settings.method_configs:
+    for config in configs:
         config.apply(pipe, settings.backend)
         try:
             for scale in settings.cfg_scales:
@@ -252,7 +256,7 @@ def _render(pipe, settings: EvalSettings, config: MethodConfig, scale: float, ba
 
 def _provenance(settings: EvalSettings, config: MethodConfig, scale: float, prompt: Prompt) -> dict[str, str]:
     """PNG text chunks: an image file says on its own what produced it."""
-    return {
+    text = {
         "image_id": str(prompt.image_id),
         "caption": prompt.caption,
         "config": config.name,
@@ -261,6 +265,9 @@ def _provenance(settings: EvalSettings, config: MethodConfig, scale: float, prom
         "steps": str(settings.steps),
         "model": settings.model,
     }
+    if config.kind == "tomesd":
+        text["tome"] = json.dumps(config.tome_kwargs(), sort_keys=True)
+    return text
 
 
 def missing_images(settings: EvalSettings, prompts: list[Prompt]) -> dict[str, int]:

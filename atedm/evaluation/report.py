@@ -12,7 +12,7 @@ from pathlib import Path
 from .generate import write_bytes_atomically
 
 CSV_COLUMNS = ("config", "family", "cfg_scale", "num_images", "fid", "clip_score", "tflops_per_step",
-               "overhead_tflops", "flops_counted", "paper_fid", "paper_clip")
+               "overhead_tflops", "flops_counted", "tome_ratio", "paper_fid", "paper_clip")
 
 
 def write_results(out: Path, results: dict) -> None:
@@ -46,7 +46,7 @@ def plot_fid_vs_tflops(rows: list[dict]) -> bytes:
     """FID against TFLOPs/step: per (family, CFG scale) one line through its configs, sorted by FLOPs."""
     figure, axes = _figure()
     scales = sorted({row["cfg_scale"] for row in rows})
-    for family in ("SDXL", "AT-EDM", "ToMe"):
+    for family in dict.fromkeys(row["family"] for row in rows):
         for scale in scales:
             points = sorted((row["tflops_per_step"], row["fid"], row["config"]) for row in rows
                             if row["family"] == family and row["cfg_scale"] == scale)

@@ -5,8 +5,15 @@ Config names on the command line and in the results:
 * ``full``: the unpatched pipeline;
 * an AT-EDM preset name (``a``, ``b``, ``c``, ``d``, ``dagger``; see ``atedm.presets``);
 * ``tomesd:<ratio>``: ToMe (the ``tomesd`` package) merging ``ratio`` of the tokens with
-  ``max_downsample=2``, i.e. in the attention blocks at latent strides 1 and 2 (SDXL: the 4096-token
-  level at 1024 px), the baseline of the paper's comparison.
+  ``max_downsample=2``, self-attention only (tomesd's defaults otherwise), i.e. in the attention blocks at
+  latent strides 1 and 2 (SDXL: the 4096-token level at 1024 px). On SDXL this saves at most ~7% of the
+  UNet FLOPs (ratio 0.75): it cannot reach the presets' budgets.
+* ``tomesd@<preset>`` / ``tomesd@<TFLOPs>``: ToMe at matched FLOPs, the paper's comparison: ToMe merging
+  in every transformer block (``max_downsample=4``: both SDXL attention levels; self-attention,
+  cross-attention and MLP merged), with the ratio solved on the FLOPs counter so that its UNet TFLOPs per
+  step equal the preset's (counted at the run's model, size and steps), or the given TFLOPs per step.
+  The ratio is solved when a run starts (``tflops.resolve_configs``) and recorded in the results and in
+  each image's PNG text.
 """
 
 from __future__ import annotations
@@ -21,7 +28,12 @@ from ..presets import PRESETS, get_preset
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 STAGES = ("all", "generate", "metrics")
-TOME_MAX_DOWNSAMPLE = 2
+FID_BACKENDS = ("clean-fid", "torch-fidelity")
+FID_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
+TOME_MAX_DOWNSAMPLE = 2  # tomesd:<ratio>
+# tomesd@<target>: merge in every transformer block, the only ToMe setting that reaches AT-EDM's budgets.
+TOME_MATCHED = {"max_downsample": 4, "merge_crossattn": True, "merge_mlp": True}
+TOME_MAX_RATIO = 0.75  # one destination per 2x2 window: at most 3/4 of the tokens can merge
 
 
 @dataclass(frozen=True)
@@ -30,16 +42,30 @@ class MethodConfig:
 
     name: str
     kind: str  # "full" | "atedm" | "tomesd"
-    tome_ratio: float | None = None
+    tome_ratio: float | None = None  # None until solved for a matched config (``tflops.resolve_configs``)
+    tome_max_downsample: int = TOME_MAX_DOWNSAMPLE
+    tome_merge_crossattn: bool = False
+    tome_merge_mlp: bool = False
+    tome_match: str | None = None  # tomesd@<target>: a preset name or TFLOPs per step, as text
 
     @property
     def dirname(self) -> str:
-        """The folder name under the output folder (no ':' in paths: it breaks some tools and filesystems)."""
-        return self.name.replace(":", "-")
+        """The folder name under the output folder (no ':' or '@' in paths: they break some tools)."""
+        return self.name.replace(":", "-").replace("@", "-at-")
 
     @property
     def family(self) -> str:
+        if self.kind == "tomesd" and self.tome_match is not None:
+            return "ToMe (matched FLOPs)"
         return {"full": "SDXL", "atedm": "AT-EDM", "tomesd": "ToMe"}[self.kind]
+
+    def tome_kwargs(self) -> dict:
+        """``tomesd.apply_patch`` arguments (besides the model and ``use_rand``)."""
+        if self.tome_ratio is None:
+            raise RuntimeError(f"config {self.name}: the ToMe ratio is not solved yet; "
+                               "resolve the configs first (atedm.evaluation.tflops.resolve_configs)")
+        return {"ratio": self.tome_ratio, "max_downsample": self.tome_max_downsample,
+                "merge_crossattn": self.tome_merge_crossattn, "merge_mlp": self.tome_merge_mlp}
 
     def apply(self, pipe, backend: str = "auto") -> None:
         if self.kind == "atedm":
@@ -47,8 +73,8 @@ class MethodConfig:
 
             apply(pipe, get_preset(self.name), backend=backend)
         elif self.kind == "tomesd":
-            tomesd = import_tomesd()
-            tomesd.apply_patch(pipe, ratio=self.tome_ratio, max_downsample=TOME_MAX_DOWNSAMPLE)
+            kwargs = self.tome_kwargs()
+            import_tomesd().apply_patch(pipe, **kwargs)
 
     def remove(self, pipe) -> None:
         if self.kind == "atedm":
@@ -95,10 +121,24 @@ def parse_config(text: str) -> MethodConfig:
         except ValueError:
             raise ValueError(f"config {text!r}: the ToMe ratio {value!r} is not a number (e.g. tomesd:0.5)") from None
         # tomesd merges into one destination per 2x2 window, so at most 3/4 of the tokens can go.
-        if not 0.0 < ratio <= 0.75:
-            raise ValueError(f"config {text!r}: the ToMe ratio must be in (0, 0.75]; got {ratio}")
+        if not 0.0 < ratio <= TOME_MAX_RATIO:
+            raise ValueError(f"config {text!r}: the ToMe ratio must be in (0, {TOME_MAX_RATIO}]; got {ratio}")
         return MethodConfig(f"tomesd:{ratio:g}", "tomesd", ratio)
-    raise ValueError(f"unknown config {text!r}; known: 'full', the AT-EDM presets {sorted(PRESETS)}, 'tomesd:<ratio>'")
+    if name.startswith("tomesd@"):
+        target = name.split("@", 1)[1].strip()
+        if target not in PRESETS:
+            try:
+                tflops = float(target)
+            except ValueError:
+                raise ValueError(f"config {text!r}: match an AT-EDM preset {sorted(PRESETS)} or a TFLOPs-per-step number "
+                                 f"(e.g. tomesd@c or tomesd@4.1); got {target!r}") from None
+            if not (math.isfinite(tflops) and tflops > 0):
+                raise ValueError(f"config {text!r}: the TFLOPs to match must be a positive number; got {target!r}")
+            target = f"{tflops:g}"
+        return MethodConfig(f"tomesd@{target}", "tomesd", None, tome_match=target, **{
+            f"tome_{key}": value for key, value in TOME_MATCHED.items()})
+    raise ValueError(f"unknown config {text!r}; known: 'full', the AT-EDM presets {sorted(PRESETS)}, "
+                     "'tomesd:<ratio>', 'tomesd@<preset or TFLOPs>'")
 
 
 def cfg_dirname(scale: float) -> str:
@@ -123,10 +163,16 @@ class EvalSettings:
         device: torch device; under torchrun ``cuda`` becomes ``cuda:<LOCAL_RANK>``.
         dtype: ``auto`` = float16 on CUDA, float32 elsewhere.
         backend: AT-EDM backend (``auto``, ``torch``, ``triton``).
+        fid_backend: the library of the default FID features: ``clean-fid`` (its InceptionV3 torchscript
+            port and resize) or ``torch-fidelity`` (the InceptionV3 that torchmetrics' FID also uses).
         fid_mode: clean-fid's mode for the default FID features (``clean`` is clean-fid's default).
-        clip_model, clip_pretrained: the open_clip model of the default CLIP score.
+        fid_weights: a local copy of the backend's Inception weights (no download): clean-fid's
+            ``inception-2015-12-05.pt`` or torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``.
+        clip_model, clip_pretrained: the open_clip model of the default CLIP score; ``clip_pretrained`` is an
+            open_clip tag or a local checkpoint file (no download).
         metrics_batch_size: images per feature-extractor call.
         wait_timeout_s: how long rank 0 waits for the other ranks' images before computing metrics.
+        download_timeout_s: socket timeout of the metric weights' downloads: offline, they fail instead of hanging.
     """
 
     model: str
@@ -144,17 +190,22 @@ class EvalSettings:
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     dtype: str = "auto"
     backend: str = "auto"
+    fid_backend: str = "clean-fid"
     fid_mode: str = "clean"
+    fid_weights: Path | None = None
     clip_model: str = "ViT-g-14"
     clip_pretrained: str = "laion2b_s34b_b88k"
     metrics_batch_size: int = 32
     wait_timeout_s: float = 3600.0
+    download_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "captions", Path(self.captions))
         object.__setattr__(self, "out", Path(self.out))
         if self.reference is not None:
             object.__setattr__(self, "reference", Path(self.reference))
+        if self.fid_weights is not None:
+            object.__setattr__(self, "fid_weights", Path(self.fid_weights))
         configs = [parse_config(name) for name in self.configs]
         names = [config.name for config in configs]
         if not names:
@@ -185,8 +236,16 @@ class EvalSettings:
             raise ValueError(f"seed must be an int >= 0; got {self.seed!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {DTYPES}")
-        if self.fid_mode not in ("clean", "legacy_tensorflow", "legacy_pytorch"):
+        if self.fid_backend not in FID_BACKENDS:
+            raise ValueError(f"unknown FID backend {self.fid_backend!r}; expected one of {FID_BACKENDS}")
+        if self.fid_mode not in FID_MODES:
             raise ValueError(f"unknown clean-fid mode {self.fid_mode!r}; expected clean, legacy_tensorflow or legacy_pytorch")
+        if self.fid_backend != "clean-fid" and self.fid_mode != "clean":
+            raise ValueError(f"fid_mode {self.fid_mode!r} is a clean-fid mode; the {self.fid_backend} backend has none")
+        for name in ("wait_timeout_s", "download_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0; got {value!r}")
 
     @property
     def method_configs(self) -> tuple[MethodConfig, ...]:
