@@ -218,12 +218,31 @@ def dsap_block_names(unet: UNet2DConditionModel) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _check_input_devices(unet: UNet2DConditionModel, args: tuple, kwargs: dict) -> None:
+    """Mixed devices would otherwise fail deep inside a convolution or, worse, inside a pruning kernel."""
+    names = ("sample", "timestep", "encoder_hidden_states")
+    inputs = {name: value for name, value in zip(names, args)}
+    inputs.update((name, kwargs[name]) for name in names if name in kwargs)
+    inputs.pop("timestep", None)  # diffusers moves the timestep to the sample's device itself
+    for name, value in (kwargs.get("added_cond_kwargs") or {}).items():
+        inputs[f"added_cond_kwargs[{name!r}]"] = value
+    devices = {name: value.device for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+    # accelerate's offload hooks (model-level on the UNet, sequential on its leaves) move the weights to the
+    # inputs' device inside forward, after this hook: then the weights' device says nothing yet.
+    if not hasattr(unet, "_hf_hook") and not hasattr(unet.conv_in, "_hf_hook"):
+        devices["the UNet's weights"] = unet.conv_in.weight.device
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"AT-EDM: the UNet's inputs and weights must be on one device; got {listing}")
+
+
 def _install(unet: UNet2DConditionModel, state: ATEDMState) -> list:
     """Register every hook and processor; returns undo actions (run in reverse to remove)."""
     undo = []
     backend = state.config.backend
 
     def unet_pre_hook(module, args, kwargs):
+        _check_input_devices(module, args, kwargs)
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         state.phase = state.resolve_phase(timestep)
         state.phase_calls[state.phase] += 1

@@ -26,7 +26,7 @@ import atedm
 from atedm.cli import build_random_unet, cpu_supports_bf16, default_unet_config
 from atedm.flops import example_inputs
 from benchmarks.bench_sdxl_step import Row, call_unet, configure, count_flops, parse_rows, synchronize
-from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, write_rows
+from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, tiny_unet_config, write_rows
 
 PAPER_SECONDS = {"full": 18.0, "c": 16.3, "tomesd": 17.7}  # fused attention; AT-EDM with a fused kernel
 
@@ -80,9 +80,7 @@ def main() -> None:
     else:
         dtype = getattr(torch, args.dtype)
     if args.tiny:
-        from tests.tiny_models import tiny_sdxl_unet_config
-
-        unet_config = tiny_sdxl_unet_config()
+        unet_config = tiny_unet_config()
     else:
         unet_config = default_unet_config()
     print(f"building the UNet ({dtype}, {device}) ...", file=sys.stderr)

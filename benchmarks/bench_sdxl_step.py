@@ -35,7 +35,7 @@ import atedm
 import atedm_kernels
 from atedm.cli import build_random_unet, cpu_supports_bf16, default_unet_config
 from atedm.flops import build_meta_unet, example_inputs
-from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, write_rows
+from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, tiny_unet_config, write_rows
 
 PRESET_ROWS = ("a", "b", "c", "d", "dagger")
 # The stages of AT-EDM's own work and the functions that do them, wrapped for the breakdown.
@@ -226,9 +226,7 @@ def run(args) -> list[dict]:
         unet_config = dict(unet.config)
     else:
         if args.tiny:
-            from tests.tiny_models import tiny_sdxl_unet_config
-
-            unet_config = tiny_sdxl_unet_config()
+            unet_config = tiny_unet_config()
         print(f"building the UNet ({dtype}, {device}) ...", file=sys.stderr)
         unet = build_random_unet(unet_config, dtype, str(device), seed=args.seed)
 

@@ -12,6 +12,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -201,3 +202,14 @@ def time_providers(
             row["pct_of_floor"] = 100.0 * floor / row["ms"] if floor else None
         rows.append({**row, **environment_info(device)})
     return rows
+
+
+def tiny_unet_config() -> dict:
+    """The tests' tiny SDXL-shaped UNet config (``--tiny`` smoke runs). Loaded from ``tests/`` by path:
+    some installed packages (torch-fidelity) ship a top-level ``tests`` package that would shadow ours."""
+    tests_dir = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    from tiny_models import tiny_sdxl_unet_config
+
+    return tiny_sdxl_unet_config()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import atedm
-from tests.tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
+from tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
 
 
 def naive_block(block, x, encoder_hidden_states, prune_ratio, iterations):

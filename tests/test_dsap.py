@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 import atedm
-from tests.tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
+from tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
 
 DSAP_BLOCKS = ("down_blocks.1.attentions.0", "down_blocks.2.attentions.0", "up_blocks.0.attentions.2", "up_blocks.1.attentions.2")
 

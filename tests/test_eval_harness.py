@@ -2,12 +2,25 @@
 
 32 x 32 images, 2 steps, 5 of 6 captions from a captions file written here, reference images written
 here; FID features and CLIP scores injected (the real ones need torchvision and downloads).
+
+The default metric backends (clean-fid, torch-fidelity, open_clip) are tested up to their downloads,
+which are pointed at a local socket that never answers or replaced by a function that raises: they must
+fail fast with a clear error and leave no file behind. They run when the packages are installed; where
+torchvision itself cannot be imported (e.g. a CUDA torchvision wheel beside a CPU torch), a stand-in
+torchvision module lets the libraries import, since nothing before the downloads calls into it.
 """
 
 import csv
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
+import socket
+import sys
+import time
+import types
 from dataclasses import replace
 
 import numpy as np
@@ -17,11 +30,12 @@ from PIL import Image
 
 import atedm
 from atedm.evaluation import EvalSettings, RankInfo, frechet_distance, gaussian_stats, generate_images, run_evaluation
-from atedm.evaluation.cli import main
+from atedm.evaluation import backends, tflops
+from atedm.evaluation.cli import build_parser, main, settings_from_args
 from atedm.evaluation.generate import rank_from_env, write_png_atomically
 from atedm.evaluation.prompts import image_seed, load_coco_captions, select_prompts, shard_batches
 from atedm.evaluation.settings import parse_config
-from tests.tiny_models import tiny_sdxl_pipeline
+from tiny_models import tiny_sdxl_pipeline
 
 # Listed out of order; 1000 has no caption; annotation ids decide which caption an image keeps.
 CAPTIONS = {
@@ -364,6 +378,22 @@ def test_command_line_generate_stage(reference_run, workspace, monkeypatch):
     assert_same_images(reference_settings.out / "full" / "cfg4", out / "full" / "cfg4")
 
 
+def test_command_line_takes_its_shard_from_the_launcher_environment(reference_run, workspace, monkeypatch):
+    """What torchrun / accelerate launch set for the second of two processes: that rank's batches only."""
+    reference_settings, _, _ = reference_run
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    out = workspace / "launched"
+    main(["--model", str(workspace / "pipeline"), "--captions", str(workspace / "captions.json"), "--out", str(out),
+          "--configs", "full", "--cfg-scales", "7", "--num-images", "5", "--steps", "2", "--height", "32", "--width", "32",
+          "--batch-size", "2", "--device", "cpu", "--dtype", "float32", "--stage", "generate"])
+    # Batches of 2 dealt over 2 ranks: rank 1 takes [632, 724], the same pixels as the one-process run.
+    assert image_files(out / "full" / "cfg7") == ["632.png", "724.png"]
+    assert_same_images(reference_settings.out / "full" / "cfg7", out / "full" / "cfg7")
+
+
 # --- clear errors --------------------------------------------------------------------------------
 
 def test_missing_metric_library_fails_before_generation(workspace, tmp_path, monkeypatch):
@@ -383,6 +413,9 @@ def test_missing_metric_library_fails_before_generation(workspace, tmp_path, mon
     (("tomesd:x",), "is not a number"),
     (("c", "full", "c"), "the same config twice"),
     (("tomesd:0.5", "tomesd:0.50"), "the same config twice"),
+    (("tomesd@e",), "match an AT-EDM preset"),
+    (("tomesd@-1",), "must be a positive number"),
+    (("tomesd@c", "tomesd@ c"), "the same config twice"),
 ])
 def test_bad_configs_are_refused(workspace, configs, message):
     with pytest.raises(ValueError, match=message):
@@ -427,3 +460,307 @@ def test_bad_inputs_raise_clear_errors(reference_run, workspace, tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
         run_evaluation(make_settings(workspace, "bad"), stage="everything", **extractors)
     assert parse_config("tomesd:0.50").name == "tomesd:0.5" and parse_config("tomesd:0.50").dirname == "tomesd-0.5"
+    assert parse_config("tomesd@4.10").name == "tomesd@4.1" and parse_config("tomesd@c").dirname == "tomesd-at-c"
+    with pytest.raises(ValueError, match="torch-fidelity backend has none"):
+        make_settings(workspace, "bad", fid_backend="torch-fidelity", fid_mode="legacy_tensorflow")
+    with pytest.raises(ValueError, match="unknown FID backend"):
+        make_settings(workspace, "bad", fid_backend="pytorch-fid")
+
+
+# --- ToMe at matched FLOPs -----------------------------------------------------------------------
+
+def test_tome_at_matched_flops(workspace, monkeypatch):
+    """tomesd@c: ToMe merging in every block, at the ratio whose counted TFLOPs are closest to preset c's."""
+    import tomesd
+
+    applied = []
+    real_apply = tomesd.apply_patch
+
+    def recording_apply(model, **kwargs):
+        if not isinstance(model, torch.nn.Module):  # the pipeline, not the FLOPs counter's meta UNet
+            applied.append(kwargs)
+        return real_apply(model, **kwargs)
+
+    monkeypatch.setattr(tomesd, "apply_patch", recording_apply)
+    settings = make_settings(workspace, "matched", configs=("tomesd@c",), cfg_scales=(7.0,), num_images=3)
+    results = run_evaluation(settings, feature_extractor=PixelProjection(), clip_scorer=RecordingScorer(), progress=False)
+    [matched] = results["results"]
+    ratio = matched["tome_ratio"]
+    assert matched["family"] == "ToMe (matched FLOPs)" and 0 < ratio <= 0.75 and matched["flops_counted"]
+    # Preset c's UNet TFLOPs at this model, size and steps, counted by the AT-EDM counter.
+    unet_config, vae_factor = tflops.model_configs(settings.model)
+    size = settings.height * 8 // vae_factor
+    target = atedm.flops_per_step(unet_config, "c", size, size, settings.steps).unet_tflops
+    assert abs(matched["tflops_per_step"] - target) < 0.01 * target
+    # The closest whole-token step: the ratios one latent token either side count no closer to the target.
+    key, config = json.dumps(unet_config, sort_keys=True, default=str), parse_config("tomesd@c")
+    for neighbour in (ratio - 1 / (size // 8) ** 2, ratio + 1 / (size // 8) ** 2):
+        if 0 < neighbour <= 0.75:
+            count = tflops.counted_tflops(key, replace(config, tome_ratio=neighbour), size, size, settings.steps)["tflops_per_step"]
+            assert abs(count - target) >= abs(matched["tflops_per_step"] - target)
+    # The pipeline got exactly that patch, and each image says so.
+    assert applied == [{"ratio": ratio, "max_downsample": 4, "merge_crossattn": True, "merge_mlp": True}]
+    folder = settings.out / "tomesd-at-c" / "cfg7"
+    assert image_files(folder) == ["139.png", "285.png", "632.png"]
+    with Image.open(folder / "285.png") as image:
+        assert json.loads(image.info["tome"])["ratio"] == ratio and image.info["config"] == "tomesd@c"
+    with open(settings.out / "metrics.csv") as handle:
+        assert [float(row["tome_ratio"]) for row in csv.DictReader(handle)] == [ratio]
+    # A budget out of ToMe's reach fails before the model loads or anything is written.
+    for target_text, message in (("0.00001", "below ToMe's reach"), ("1", "above the unpatched model's")):
+        out = workspace / f"unreachable{target_text}"
+        with pytest.raises(ValueError, match=message):
+            generate_images(make_settings(workspace, out, configs=(f"tomesd@{target_text}",)), progress=False)
+        assert not out.exists()
+
+
+# --- the default metric backends, up to their downloads ------------------------------------------
+
+class _StandIn(type):
+    """Any torchvision name: attribute access and calls give more stand-ins (never used before a download)."""
+
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _StandIn(name, (), {})
+
+    def __call__(cls, *args, **kwargs):
+        return _StandIn(cls.__name__, (), {})
+
+
+class _StandInModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = _StandIn(name, (), {})
+        setattr(self, name, value)
+        return value
+
+
+class _TorchvisionFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``torchvision`` and its submodules as stand-ins, or (``error``) fails them as a broken build does."""
+
+    def __init__(self, error=None):
+        self.error = error
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname.split(".")[0] == "torchvision":
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _StandInModule(spec.name)
+        module.__path__, module.__version__ = [], "0.0.0"
+        return module
+
+    def exec_module(self, module):
+        if self.error is not None:
+            raise self.error
+
+
+def _torchvision_imports():
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture
+def clean_modules():
+    """sys.modules and the import hooks as they were: a stand-in torchvision, or the libraries imported on top
+    of it, must not leak into other tests, and modules a test dropped come back (not imported twice)."""
+    saved = dict(sys.modules)
+    finders = list(sys.meta_path)
+    yield
+    sys.meta_path[:] = finders
+    for name in set(sys.modules) - set(saved):
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+@pytest.fixture
+def metric_libraries(clean_modules):
+    """The real clean-fid / open_clip / torch-fidelity, importable: skipped when a package is missing."""
+    missing = [package for module, package in (("cleanfid", "clean-fid"), ("open_clip", "open_clip_torch"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        pytest.skip(f"not installed: {missing} (pip install 'atedm[eval]')")
+    if not _torchvision_imports():
+        for name in [name for name in sys.modules if name.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+        sys.meta_path.insert(0, _TorchvisionFinder())
+
+
+@pytest.fixture
+def silent_server():
+    """A local HTTP server that accepts and then never answers (``stall``) or sends part of a body and stalls."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.05)
+    partial = {"bytes": 0}
+    connections, stop = [], [False]
+
+    def serve():
+        while not stop[0]:
+            try:
+                connection, _ = server.accept()
+            except (TimeoutError, OSError):
+                continue
+            connections.append(connection)
+            if partial["bytes"]:
+                connection.recv(65536)
+                connection.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 100000000\r\n\r\n" + os.urandom(partial["bytes"]))
+
+    import threading
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", partial
+    stop[0] = True
+    thread.join(timeout=5)
+    for connection in connections:
+        connection.close()
+    server.close()
+
+
+@pytest.mark.parametrize("partial_bytes", [0, 300_000])
+def test_clean_fid_weights_download_times_out_and_leaves_no_file(metric_libraries, silent_server, tmp_path, monkeypatch,
+                                                                 partial_bytes):
+    url, partial = silent_server
+    partial["bytes"] = partial_bytes  # 0: no answer at all; else part of the file, then silence
+    monkeypatch.setattr(backends, "CLEANFID_INCEPTION_URL", f"{url}/inception-2015-12-05.pt")
+    monkeypatch.setattr(backends, "cleanfid_cache_folder", lambda: tmp_path)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"could not download clean-fid's Inception weights .*timed out.*--fid-weights"):
+        backends.CleanFIDInception("cpu", "clean", download_timeout_s=0.3)
+    assert time.monotonic() - start < 10
+    assert os.listdir(tmp_path) == []  # no truncated weights file, no temp file
+
+
+def test_clean_fid_backend_loads_through_clean_fid(metric_libraries, tmp_path, monkeypatch):
+    # A truncated weights file reaches clean-fid's loader (InceptionV3W, torch.jit.load) and is reported.
+    weights = tmp_path / "inception-2015-12-05.pt"
+    weights.write_bytes(os.urandom(1000))
+    with pytest.raises(RuntimeError, match=r"could not load clean-fid's Inception weights .*truncated download"):
+        backends.CleanFIDInception("cpu", "clean", weights=weights)
+    with pytest.raises(ValueError, match="by file name"):
+        backends.CleanFIDInception("cpu", "clean", weights=shutil.copy(weights, tmp_path / "inception.pt"))
+    # The call feeds the network what clean-fid's ResizeDataset feeds it, image order kept across sizes.
+    from cleanfid.resize import build_resizer
+
+    seen = []
+    extractor = object.__new__(backends.CleanFIDInception)
+    extractor.device = torch.device("cpu")
+    extractor.model = lambda batch: (seen.append(batch), batch.flatten(1)[:, :5] + 0.0)[1]
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in ((20, 30, 3), (24, 16, 3), (20, 30, 3))]
+    for mode in ("clean", "legacy_tensorflow"):
+        seen.clear()
+        extractor.resize = build_resizer(mode)
+        rows = extractor(images)
+        expected = [torch.from_numpy(np.asarray(build_resizer(mode)(np.asarray(image))).transpose(2, 0, 1).astype(np.float32))
+                    for image in images]
+        assert rows.shape == (3, 5)
+        for row, tensor in zip(rows, expected):
+            assert np.allclose(row, tensor.flatten()[:5].double().numpy(), atol=1e-4)
+        assert len(seen) == (1 if mode == "clean" else 2) and all(batch.dtype == torch.float32 for batch in seen)
+
+
+def test_torch_fidelity_backend(metric_libraries, silent_server, tmp_path, monkeypatch):
+    if importlib.util.find_spec("torch_fidelity") is None:
+        pytest.skip("torch-fidelity is not installed")
+    import torch_fidelity.feature_extractor_inceptionv3 as inception
+
+    url, _ = silent_server
+    monkeypatch.setattr(inception, "URL_INCEPTION_V3", f"{url}/weights-inception.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"could not get torch-fidelity's Inception weights .*timed out.*--fid-weights"):
+        backends.TorchFidelityInception("cpu", download_timeout_s=0.3)
+    assert time.monotonic() - start < 10
+    # With random weights (loading skipped): pool3 features of any-size images, order kept across sizes.
+    monkeypatch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"unused")
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: {})
+    extractor = backends.TorchFidelityInception("cpu", weights=weights)
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in ((40, 48, 3), (64, 64, 3), (40, 48, 3))]
+    together = extractor(images)
+    apart = np.concatenate([extractor([images[0], images[2]]), extractor([images[1]])])[[0, 2, 1]]
+    assert together.shape == (3, 2048) and np.isfinite(together).all()
+    assert np.allclose(together, apart, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(together[0], together[1])
+
+
+def test_open_clip_backend_default_model_fails_offline_at_the_download(metric_libraries, monkeypatch):
+    import open_clip
+
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(args)
+        raise OSError("no network (test)")
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_hf", offline)
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_url", offline)
+    # The default model and tag are known to open_clip: the only failure is the download of their weights.
+    with pytest.raises(RuntimeError, match=r"could not build open_clip ViT-g-14 .*no network \(test\).*--clip-pretrained"):
+        backends.OpenCLIPScore("cpu")
+    assert calls == [("laion/CLIP-ViT-g-14-laion2B-s34B-b88K",)]
+    with pytest.raises(ValueError, match=r"no pretrained tag 'laion2b_typo' for ViT-g-14 \(known: .*laion2b_s34b_b88k"):
+        backends.OpenCLIPScore("cpu", pretrained="laion2b_typo")
+    with pytest.raises(ValueError, match="open_clip has no model 'ViT-q-14'"):
+        backends.OpenCLIPScore("cpu", model="ViT-q-14")
+    assert len(calls) == 1
+
+
+def test_default_metrics_fail_offline_before_generation(metric_libraries, silent_server, workspace, tmp_path, monkeypatch):
+    import open_clip
+
+    url, _ = silent_server
+    monkeypatch.setattr(backends, "CLEANFID_INCEPTION_URL", f"{url}/inception-2015-12-05.pt")
+    monkeypatch.setattr(backends, "cleanfid_cache_folder", lambda: tmp_path / "cache")
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_hf",
+                        lambda *args, **kwargs: (_ for _ in ()).throw(OSError("no network (test)")))
+    settings = make_settings(workspace, tmp_path / "out", download_timeout_s=0.3)
+    with pytest.raises(RuntimeError, match="could not download clean-fid's Inception weights"):
+        run_evaluation(settings, progress=False)
+    weights = tmp_path / "inception-2015-12-05.pt"
+    weights.write_bytes(b"a local copy")  # the check does not load it; the CLIP weights are next
+    with pytest.raises(RuntimeError, match=r"could not download open_clip ViT-g-14 laion2b_s34b_b88k .*no network"):
+        run_evaluation(replace(settings, fid_weights=weights), progress=False)
+    assert not (tmp_path / "out").exists()  # nothing generated
+
+
+def test_broken_torchvision_is_reported_before_generation(clean_modules, workspace, tmp_path):
+    if importlib.util.find_spec("cleanfid") is None:
+        pytest.skip("clean-fid is not installed")
+    for name in [name for name in sys.modules if name.split(".")[0] in ("torchvision", "cleanfid")]:
+        del sys.modules[name]
+    # What a CUDA torchvision wheel beside a CPU torch does on import.
+    sys.meta_path.insert(0, _TorchvisionFinder(RuntimeError("operator torchvision::nms does not exist")))
+    with pytest.raises(ImportError, match=r"clean-fid, which is installed but fails to import .*torchvision::nms.*torchvision matches torch"):
+        run_evaluation(make_settings(workspace, tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_frechet_distance_matches_clean_fid(metric_libraries):
+    from cleanfid.fid import frechet_distance as clean_fid_distance
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    a, b = rng.standard_normal((40, 6)), rng.standard_normal((30, 6)) * rng.uniform(0.5, 2, 6) + rng.standard_normal(6)
+    ours = frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    assert ours == pytest.approx(float(clean_fid_distance(*gaussian_stats(a), *gaussian_stats(b))), rel=1e-9)
+
+
+def test_command_line_metric_options():
+    args = build_parser().parse_args(["--model", "m", "--captions", "c.json", "--out", "o", "--fid-backend", "torch-fidelity",
+                                      "--fid-weights", "w.pth", "--clip-model", "ViT-B-32", "--clip-pretrained", "ckpt.bin",
+                                      "--download-timeout", "5", "--configs", "full,tomesd@c,tomesd@4.1"])
+    settings = settings_from_args(args)
+    assert (settings.fid_backend, settings.fid_weights.name, settings.clip_model, settings.clip_pretrained,
+            settings.download_timeout_s) == ("torch-fidelity", "w.pth", "ViT-B-32", "ckpt.bin", 5.0)
+    assert settings.configs == ("full", "tomesd@c", "tomesd@4.1")

@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 import atedm
 from atedm.compat import check_diffusers_version
 from atedm_kernels import num_kept_tokens
-from tests.tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
+from tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
 
 LEVEL2 = ["down_blocks.1.attentions.0", "down_blocks.1.attentions.1", "up_blocks.1.attentions.0",
           "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"]

@@ -8,7 +8,7 @@ from PIL import Image
 
 import atedm
 from atedm.cli import main
-from tests.tiny_models import tiny_sdxl_pipeline
+from tiny_models import tiny_sdxl_pipeline
 
 PROMPT = "a photo of a cat"
 

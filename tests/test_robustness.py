@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import atedm
-from tests.tiny_models import run_unet, tiny_sdxl_pipeline, tiny_sdxl_unet, unet_inputs
+from tiny_models import run_unet, tiny_sdxl_pipeline, tiny_sdxl_unet, unet_inputs
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -114,3 +114,25 @@ def test_sd15_style_unets_with_single_layer_blocks_are_refused_clearly():
     with pytest.raises(ValueError, match=r"at least 2 transformer layer.*prune_after='first_self_attention'"):
         atedm.apply(sd15_like)
     assert atedm.get_state(sd15_like) is None
+
+
+def test_mixed_devices_give_a_clear_error_and_leave_the_model_usable():
+    """No second device here, so the meta device stands in for one: inputs on another device than each
+    other or than the weights are refused before any kernel runs; the next correct call works."""
+    unet = tiny_sdxl_unet()
+    inputs = unet_inputs(batch=2)
+    atedm.apply(unet, "c", dsap_fraction=0.0)
+    expected = run_unet(unet, inputs)
+    for name in ("sample", "encoder_hidden_states"):
+        moved = dict(inputs, **{name: inputs[name].to("meta")})
+        with pytest.raises(ValueError, match=rf"{name} on meta.*one device|one device.*{name} on meta"):
+            run_unet(unet, moved)
+    moved_cond = dict(inputs, added_cond_kwargs={**inputs["added_cond_kwargs"], "time_ids": inputs["added_cond_kwargs"]["time_ids"].to("meta")})
+    with pytest.raises(ValueError, match="time_ids"):
+        run_unet(unet, moved_cond)
+    everything_on_meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    everything_on_meta["added_cond_kwargs"] = {k: v.to("meta") for k, v in inputs["added_cond_kwargs"].items()}
+    with pytest.raises(ValueError, match="the UNet's weights on cpu"):
+        run_unet(unet, everything_on_meta)
+    assert torch.equal(run_unet(unet, inputs), expected)
+    atedm.remove(unet)

@@ -16,7 +16,7 @@ from tolerances import tol
 import atedm
 from atedm.cli import default_unet_config
 from atedm.flops import flops_per_step
-from tests.tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
+from tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
 
 CROSS_DIM = 24
 MODE = dict(prune_after="first_self_attention")
