@@ -27,7 +27,9 @@ setup(
         "eval": ["clean-fid", "open_clip_torch", "scipy", "matplotlib", "tomesd"],
         # The fidelity benchmark on the small trained UNet, and the ToMe baseline.
         "fidelity": ["scikit-learn", "tomesd", "matplotlib"],
-        "dev": ["pytest>=8", "hypothesis", "transformers>=4.40", "scipy", "scikit-learn", "tomesd", "matplotlib"],
+        # accelerate, peft and DeepCache: the composition tests (cpu offload, LoRA, DeepCache + AT-EDM).
+        "dev": ["pytest>=8", "hypothesis", "transformers>=4.40", "scipy", "scikit-learn", "tomesd", "matplotlib",
+                "accelerate", "peft", "DeepCache"],
     },
     entry_points={"console_scripts": ["atedm=atedm.cli:main"]},
 )

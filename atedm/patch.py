@@ -176,7 +176,8 @@ def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig) -> dict[str, B
         blocks[name] = BlockState(name=name, level=level, depth=depth, pruning_layers=pruning_layers)
     if not blocks:
         hint = ("; single-layer blocks (SD 1.5/2.x) can prune with prune_after='first_self_attention'"
-                if not after_self_attention and attention_blocks else "")
+                if not after_self_attention and any(len(m.transformer_blocks) == 1 for m in attention_blocks.values())
+                else "")
         raise ValueError(
             f"found no attention block to prune: AT-EDM needs Transformer2DModel blocks with at least {min_depth} "
             f"transformer layer(s) (at prune_levels={config.prune_levels}); this UNet has "
