@@ -16,6 +16,9 @@ PRUNE_MODES = ("once", "every_layer")
 # blocks) or right after the first layer's self-attention, so that its cross-attention and feed-forward
 # already run on the kept tokens (SD 1.5/2.x, whose blocks have one layer, save nothing otherwise).
 PRUNE_POINTS = ("first_layer", "first_self_attention")
+# How a pruned token is refilled before the convolutions: the paper copies its match's output ("copy");
+# "delta" keeps the token's own state from the cut and adds the change its match went through since.
+RECOVERY_MODES = ("copy", "delta")
 
 # The published early-phase list for SDXL: the first attention block of each down stage and the last of
 # each up stage stay unpruned while the attention maps are still noisy. ``dsap_blocks=None`` applies the
@@ -47,6 +50,12 @@ class ATEDMConfig:
         similarity: how a pruned token picks the kept token it copies before the convolutions:
             ``"attention"`` (Abar[i, j], the paper's), ``"attention_transposed"`` (Abar[j, i]),
             ``"symmetric"`` (their sum) or ``"key_cosine"`` (cosine of the layer's keys).
+        recovery: ``"copy"`` (the paper's) refills a pruned token with the output of the kept token its
+            similarity rule picks; ``"delta"`` keeps the pruned token's own hidden state from the cut and
+            adds that kept token's change through the pruned layers (out_j - cut_j), so a pruned token
+            keeps its identity and only borrows the later layers' update. Same kept tokens, same FLOPs
+            up to one elementwise pass; needs ``prune_mode="once"``. Not in the paper: see the fidelity
+            results in benchmarks/RESULTS.md.
         prune_levels: UNet resolution levels whose attention blocks prune, numbered from 1 at full
             latent resolution (SDXL: level 2 = 64x64 latent at 1024 px, level 3 = 32x32). ``None``
             prunes every level; ``(3,)`` is AT-EDM-dagger (no pruning at the 4096-token level).
@@ -74,6 +83,7 @@ class ATEDMConfig:
     head_reduction: str = "mean"
     cfg_mask_mode: str = "per_sample"
     similarity: str = "attention"
+    recovery: str = "copy"
     ranking: str = "gwpr"
     prune_levels: tuple[int, ...] | None = None
     prune_mode: str = "once"
@@ -95,6 +105,9 @@ class ATEDMConfig:
         _check_choice("ranking", self.ranking, RANKINGS)
         _check_choice("prune_mode", self.prune_mode, PRUNE_MODES)
         _check_choice("prune_after", self.prune_after, PRUNE_POINTS)
+        _check_choice("recovery", self.recovery, RECOVERY_MODES)
+        if self.recovery == "delta" and self.prune_mode != "once":
+            raise ValueError(f"recovery='delta' refills from one cut per block; it needs prune_mode='once' (got {self.prune_mode!r})")
         if self.prune_after == "first_self_attention" and self.prune_mode != "once":
             raise ValueError("prune_after='first_self_attention' prunes once per block; it needs prune_mode='once' "
                              f"(got {self.prune_mode!r})")

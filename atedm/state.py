@@ -37,6 +37,8 @@ class BlockState:
     # prune_after="first_self_attention": the first layer's self-attention already ran (in the layer's
     # pre-hook); its next call inside that layer must add nothing.
     self_attention_done: bool = False
+    # recovery="delta": the full (B, N, C) stream at the cut, which pruned tokens start from.
+    cut_state: torch.Tensor | None = None
     # Statistics, for tests and reports.
     pruned_calls: int = 0
     kept_tokens: tuple[int, ...] = ()
@@ -44,6 +46,7 @@ class BlockState:
     def clear_call(self) -> None:
         self.active_ratio = None
         self.self_attention_done = False
+        self.cut_state = None
         self.keep.clear()
         self.src.clear()
 

@@ -14,7 +14,7 @@ import atedm
 from tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
 
 
-def naive_block(block, x, encoder_hidden_states, prune_ratio, iterations):
+def naive_block(block, x, encoder_hidden_states, prune_ratio, iterations, recovery="copy"):
     batch, channels, height, width = x.shape
     n = height * width
     hidden = block.proj_in(block.norm(x).permute(0, 2, 3, 1).reshape(batch, n, channels))
@@ -40,15 +40,19 @@ def naive_block(block, x, encoder_hidden_states, prune_ratio, iterations):
         for i in range(n):
             if i in keep[b]:
                 full[b, i] = kept[b, keep[b].index(i)]
-            else:
-                best = max(range(num_keep), key=lambda r: (amap[b, i, keep[b][r]].item(), -r))
+                continue
+            best = max(range(num_keep), key=lambda r: (amap[b, i, keep[b][r]].item(), -r))
+            if recovery == "copy":  # the match's output
                 full[b, i] = kept[b, best]
+            else:  # own state at the cut + the match's change through the later layers
+                full[b, i] = tokens[b, i] + (kept[b, best] - tokens[b, keep[b][best]])
     out = block.proj_out(full).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
     return out + x
 
 
+@pytest.mark.parametrize("recovery", ["copy", "delta"])
 @pytest.mark.parametrize("block_name", ["down_blocks.1.attentions.0", "mid_block.attentions.0"])
-def test_patched_block_matches_the_naive_definition(block_name):
+def test_patched_block_matches_the_naive_definition(block_name, recovery):
     unet = tiny_sdxl_unet()
     block = unet.get_submodule(block_name)
     captured = {}
@@ -56,11 +60,11 @@ def test_patched_block_matches_the_naive_definition(block_name):
     def capture(module, args, kwargs, output):
         captured.update(x=args[0], ehs=kwargs["encoder_hidden_states"], out=output[0])
 
-    atedm.apply(unet, prune_ratio=0.6, gwpr_iterations=2, dsap_fraction=0.0, backend="torch")
+    atedm.apply(unet, prune_ratio=0.6, gwpr_iterations=2, dsap_fraction=0.0, backend="torch", recovery=recovery)
     handle = block.register_forward_hook(capture, with_kwargs=True)
     run_unet(unet, unet_inputs(batch=2, height=16, width=16))
     handle.remove()
     atedm.remove(unet)
     with torch.no_grad():
-        expected = naive_block(block, captured["x"], captured["ehs"], prune_ratio=0.6, iterations=2)
+        expected = naive_block(block, captured["x"], captured["ehs"], prune_ratio=0.6, iterations=2, recovery=recovery)
     torch.testing.assert_close(captured["out"], expected, atol=1e-4, rtol=1e-4)

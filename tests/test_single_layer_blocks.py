@@ -87,7 +87,7 @@ def test_prune_ratio_zero_reproduces_the_unpatched_output(unet):
     torch.testing.assert_close(got, expected, **tol(torch.float32))
 
 
-def naive_single_layer_block(block, x, encoder_hidden_states, prune_ratio, iterations):
+def naive_single_layer_block(block, x, encoder_hidden_states, prune_ratio, iterations, recovery="copy"):
     """AT-EDM cut after self-attention, from its definition: float64 maps, loops, sorted tuples."""
     batch, channels, height, width = x.shape
     n = height * width
@@ -118,26 +118,29 @@ def naive_single_layer_block(block, x, encoder_hidden_states, prune_ratio, itera
             else:
                 best = max(range(num_keep), key=lambda r: (amap[b, i, keep[b][r]].item(), -r))
                 full[b, i] = kept[b, best]
+                if recovery == "delta":  # own state at the cut + the match's change since
+                    full[b, i] += after_self_attention[b, i] - after_self_attention[b, keep[b][best]]
     out = block.proj_out(full.reshape(batch, height, width, inner).permute(0, 3, 1, 2))
     return out + x
 
 
-@pytest.mark.parametrize("block_name", ["down_blocks.0.attentions.0", "up_blocks.2.attentions.1"])
-def test_patched_block_matches_the_naive_definition(unet, block_name):
+@pytest.mark.parametrize("block_name, recovery", [("down_blocks.0.attentions.0", "copy"),
+                                                   ("up_blocks.2.attentions.1", "delta")])
+def test_patched_block_matches_the_naive_definition(unet, block_name, recovery):
     block = unet.get_submodule(block_name)
     captured = {}
 
     def capture(module, args, kwargs, output):
         captured.update(x=args[0], ehs=kwargs["encoder_hidden_states"], out=output[0])
 
-    atedm.apply(unet, prune_ratio=0.55, gwpr_iterations=2, dsap_fraction=0.0, backend="torch", **MODE)
+    atedm.apply(unet, prune_ratio=0.55, gwpr_iterations=2, dsap_fraction=0.0, backend="torch", recovery=recovery, **MODE)
     handle = block.register_forward_hook(capture, with_kwargs=True)
     try:
         run_unet(unet, sd15_inputs(seed=torch.randint(0, 2**31, ()).item()))
     finally:
         handle.remove()
     with torch.no_grad():
-        expected = naive_single_layer_block(block, captured["x"], captured["ehs"], 0.55, 2)
+        expected = naive_single_layer_block(block, captured["x"], captured["ehs"], 0.55, 2, recovery)
     torch.testing.assert_close(captured["out"], expected, **tol(torch.float32))
 
 
@@ -182,6 +185,10 @@ def test_bad_combinations_are_refused_and_leave_the_model_unpatched(unet, monkey
         atedm.ATEDMConfig(prune_mode="every_layer", **MODE)
     with pytest.raises(ValueError, match="prune_after"):
         atedm.ATEDMConfig(prune_after="second_layer")
+    with pytest.raises(ValueError, match="recovery"):
+        atedm.ATEDMConfig(recovery="average")
+    with pytest.raises(ValueError, match="prune_mode='once'"):
+        atedm.ATEDMConfig(recovery="delta", prune_mode="every_layer")
     layer = unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0")
     monkeypatch.setattr(layer, "norm_type", "ada_norm_zero")
     processors = dict(unet.attn_processors)
