@@ -258,7 +258,10 @@ def attention_with_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     # at SDXL's logits), beyond what fp16 attention kernels give; the CPU has no fast fp16 matmul to lose,
     # so fp16 scores are formed in fp32. bf16 stays bf16: that is the CPU's fast path.
     compute_dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
-    keys_t = k.transpose(-1, -2).to(compute_dtype)
+    # K and V once in (B, H, N, d) row-major order: the processor hands views of (B, N, H, d) storage, and
+    # a matmul on those copied the whole K (or V) again for every row chunk (2x slower at 1024 px).
+    keys_t = k.to(compute_dtype).contiguous().transpose(-1, -2)
+    v = v.contiguous()
     for r0 in range(0, n_q, rows):
         r1 = min(n_q, r0 + rows)
         probs = torch.softmax(torch.matmul(q[:, :, r0:r1].to(compute_dtype) * scale, keys_t), dim=-1)

@@ -34,3 +34,18 @@ def test_bench_generation_runs_a_whole_denoising_loop(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert [(row["config"], row["steps"]) for row in rows] == [("full", "4"), ("c", "4"), ("tomesd-0.5", "4")]
     assert all(float(row["seconds"]) > 0 for row in rows) and float(rows[0]["speedup"]) == 1.0
+
+
+def test_bench_cpu_pruning_layer_times_every_route(tmp_path):
+    out = tmp_path / "layer.csv"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_cpu_pruning_layer", "--sizes", "128", "--repeats", "1",
+         "--dtype", "float32", "--out", str(out)],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+    )
+    rows = list(csv.DictReader(out.open()))
+    assert [(row["level"], row["route"]) for row in rows] == [
+        (level, route) for level in ("2", "3") for route in ("sdpa", "two_pass", "one_pass")]
+    assert [int(row["tokens"]) for row in rows] == [64] * 3 + [16] * 3  # 128 px: 8x8 and 4x4 latent grids
+    assert all(float(row["ms"]) > 0 for row in rows)
+    assert all(float(row["overhead_ms"]) == 0.0 for row in rows if row["route"] == "sdpa")
