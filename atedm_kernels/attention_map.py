@@ -239,18 +239,41 @@ def attention_with_map(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     No lse is returned: the integration takes this path only when nothing downstream needs it (the mean
     walk and the map-based recovery rules read Abar; ``prune_plan.one_pass_map_applies``).
     """
+    _check_one_pass_operands(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _attention_with_map_op(q, k, v, scale)
+
+
+def _check_one_pass_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q, k, v must be (B, H, N, d) with matching B, H, d and k, v alike; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, num_heads, n_q, head_dim = q.shape
-    n_k = k.shape[2]
-    if num_heads == 0 or head_dim == 0 or n_k == 0:
+    if q.shape[1] == 0 or q.shape[-1] == 0 or k.shape[2] == 0:
         raise ValueError(f"attention_with_map needs at least one head, key and head dim; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
     check_same_device(q=q, k=k, v=v)
-    scale = head_dim**-0.5 if scale is None else float(scale)
+
+
+@torch.library.custom_op("atedm::attention_with_map", mutates_args=())
+def _attention_with_map_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Opaque to torch.compile: inductor calls the eager chunk loop as one extern kernel (tracing into
+    it unrolled the loop and regenerated its softmax and head sums: 8% slower steps than eager)."""
+    return _attention_with_map_impl(q, k, v, scale)
+
+
+@_attention_with_map_op.register_fake
+def _attention_with_map_fake(q, k, v, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        q.shape[0], q.shape[2], k.shape[2], dtype=torch.float32)
+
+
+def _attention_with_map_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, num_heads, n_q, _ = q.shape
+    n_k = k.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     attention_map = torch.empty(batch, n_q, n_k, dtype=torch.float32, device=q.device)
     rows = max(1, _ONE_PASS_CHUNK_BYTES // max(1, batch * num_heads * n_k * q.element_size()))
