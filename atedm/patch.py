@@ -279,10 +279,11 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> list:
                     return None
                 if len(block.keep) <= position:
                     raise RuntimeError(f"AT-EDM's processor did not run in {block.name}; was attn1's processor replaced?")
-                if state.config.recovery == "delta":
-                    block.cut_state = output
                 with state.overhead_scope():
-                    return gather_tokens(output, block.keep[position], backend=backend)
+                    kept = gather_tokens(output, block.keep[position], backend=backend)
+                if state.config.recovery == "delta":
+                    block.cut_state, block.cut_kept = output, kept
+                return kept
 
             undo.append(layer.register_forward_hook(gather_hook).remove)
 
@@ -295,10 +296,8 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> list:
                     src = torch.gather(later, 1, src)  # compose: full grid -> layer-1 kept -> ... -> last kept
                 if state.config.recovery == "delta":
                     # Own state at the cut plus the match's change since: out_j - cut_j for kept j is
-                    # (output - cut[keep]), copied to each token by the same source slots.
-                    cut = block.cut_state
-                    change = output - gather_tokens(cut, block.keep[0], backend=backend)
-                    full = cut + scatter_recover(change, src, backend=backend)
+                    # (output - cut_kept), copied to each token by the same source slots.
+                    full = block.cut_state + scatter_recover(output - block.cut_kept, src, backend=backend)
                 else:
                     full = scatter_recover(output, src, backend=backend)
             block.pruned_calls += 1
@@ -332,10 +331,10 @@ def _cut_after_self_attention_hook(state: ATEDMState, block: BlockState):
         if not block.keep:
             raise RuntimeError(f"AT-EDM's processor did not run in {block.name}; was attn1's processor replaced?")
         summed = attention_output + hidden
-        if state.config.recovery == "delta":
-            block.cut_state = summed
         with state.overhead_scope():
             kept = gather_tokens(summed, block.keep[0], backend=state.config.backend)
+        if state.config.recovery == "delta":
+            block.cut_state, block.cut_kept = summed, kept
         block.self_attention_done = True
         if args:
             return (kept, *args[1:]), kwargs

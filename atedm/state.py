@@ -37,8 +37,10 @@ class BlockState:
     # prune_after="first_self_attention": the first layer's self-attention already ran (in the layer's
     # pre-hook); its next call inside that layer must add nothing.
     self_attention_done: bool = False
-    # recovery="delta": the full (B, N, C) stream at the cut, which pruned tokens start from.
+    # recovery="delta": the full (B, N, C) stream at the cut, which pruned tokens start from, and its
+    # kept rows (B, k, C) as handed to the later layers.
     cut_state: torch.Tensor | None = None
+    cut_kept: torch.Tensor | None = None
     # Statistics, for tests and reports.
     pruned_calls: int = 0
     kept_tokens: tuple[int, ...] = ()
@@ -47,6 +49,7 @@ class BlockState:
         self.active_ratio = None
         self.self_attention_done = False
         self.cut_state = None
+        self.cut_kept = None
         self.keep.clear()
         self.src.clear()
 

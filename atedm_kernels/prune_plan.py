@@ -35,6 +35,14 @@ MAP_SIMILARITY_RULES = ("attention", "attention_transposed", "symmetric")
 RANKINGS = ("gwpr", "random")
 
 
+def _map_reads(ranking: str, head_reduction: str, similarity: str) -> tuple[bool, bool, bool]:
+    """What a plan with these switches reads: (walks Abar, reads Abar at all, needs lse beyond Abar)."""
+    walks_map = ranking == "gwpr" and head_reduction == "mean"
+    reads_map = walks_map or similarity in MAP_SIMILARITY_RULES
+    needs_lse = ranking == "gwpr" and not walks_map  # the rms walk rebuilds each head's map
+    return walks_map, reads_map, needs_lse
+
+
 def one_pass_map_applies(
     q: torch.Tensor,
     *,
@@ -53,9 +61,8 @@ def one_pass_map_applies(
     """
     if q.device.type != "cpu" or resolve_backend(backend, q) != "torch":
         return False
-    if ranking == "gwpr" and head_reduction != "mean":
-        return False
-    if not ((ranking == "gwpr") or similarity in MAP_SIMILARITY_RULES):
+    _, reads_map, needs_lse = _map_reads(ranking, head_reduction, similarity)
+    if needs_lse or not reads_map:
         return False
     batch, num_heads, num_tokens, _ = q.shape
     return num_tokens > 0 and materialize_attention_map(batch, num_heads, num_tokens, iterations)
@@ -84,10 +91,9 @@ def plan_token_pruning(
     if ranking not in RANKINGS:
         raise ValueError(f"unknown ranking {ranking!r}; expected one of {RANKINGS}")
     batch, num_heads, num_tokens, _ = q.shape
-    walks_map = ranking == "gwpr" and head_reduction == "mean"
-    reads_map = walks_map or similarity in MAP_SIMILARITY_RULES
+    _, reads_map, needs_lse = _map_reads(ranking, head_reduction, similarity)
     if lse is None:
-        if attention_map is None or (ranking == "gwpr" and not walks_map):
+        if attention_map is None or needs_lse:
             raise ValueError("plan_token_pruning needs lse unless a prebuilt attention_map carries everything the "
                              f"plan reads; got attention_map={attention_map is not None}, ranking={ranking!r}, "
                              f"head_reduction={head_reduction!r}")

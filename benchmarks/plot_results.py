@@ -50,11 +50,7 @@ def plot_speedup(rows: list[dict], out: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "speedup_vs_tflops.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "speedup_vs_tflops.png")
 
 
 def plot_overhead(rows: list[dict], out: Path, title: str) -> Path:
@@ -68,8 +64,11 @@ def plot_overhead(rows: list[dict], out: Path, title: str) -> Path:
     ax.set_ylabel("share of the step (%)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
+    return _save(fig, out / "overhead_breakdown.png")
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    path = out / "overhead_breakdown.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
