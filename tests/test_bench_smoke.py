@@ -49,3 +49,21 @@ def test_bench_cpu_pruning_layer_times_every_route(tmp_path):
     assert [int(row["tokens"]) for row in rows] == [64] * 3 + [16] * 3  # 128 px: 8x8 and 4x4 latent grids
     assert all(float(row["ms"]) > 0 for row in rows)
     assert all(float(row["overhead_ms"]) == 0.0 for row in rows if row["route"] == "sdpa")
+
+
+def test_breakdown_times_the_one_pass_route(monkeypatch):
+    """The CPU's one-pass route must show up in the breakdown: its G-WPR walk over the prebuilt map under
+    "gwpr", and the one-pass call's time beyond plain attention under "map"."""
+    import torch
+
+    import atedm.patch as patch
+    from atedm_kernels import plan_token_pruning
+    from benchmarks.bench_sdxl_step import stage_timers
+
+    q, k, v = (torch.randn(2, 4, 48, 16) for _ in range(3))
+    totals = {}
+    with stage_timers(torch.device("cpu"), totals):
+        _, attention_map = patch.attention_with_map(q, k, v)
+        plan_token_pruning(q, k, None, 20, attention_map=attention_map, backend="torch")
+    assert totals.get("gwpr", 0.0) > 0.0 and "map" in totals and totals["map"] >= 0.0
+    assert patch.attention_with_map.__name__ == "attention_with_map"  # the timer is undone on exit
