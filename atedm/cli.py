@@ -3,6 +3,7 @@
     python -m atedm bench      # default: SDXL-base architecture, seeded random weights, on the CPU
     python -m atedm flops      # counted TFLOPs/step of every preset at 1024 px (meta device, instant)
     python -m atedm generate --model PATH_OR_HUB_ID --preset c --prompt "..."
+    python -m atedm doctor     # kernels vs references at SDXL's shapes, block and step timings, one table
 """
 
 from __future__ import annotations
@@ -210,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+
+    doctor = sub.add_parser("doctor", help="self-check: kernels vs references, block and step timings")
+    doctor.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when present, else cpu")
+    doctor.add_argument("--dtypes", help="comma-separated; default float16,bfloat16 on CUDA, one CPU dtype")
+    doctor.add_argument("--resolution", type=int, help="image size in px; default 1024 on CUDA, 512 on the CPU")
+    doctor.add_argument("--sections", default="checks,block,step", help="any of checks,block,step")
+    doctor.add_argument("--model", help="a local diffusers UNet folder, or a pipeline folder with unet/")
+    doctor.add_argument("--unet-config", help="UNet config JSON for random weights (default: SDXL-base, shipped)")
+    doctor.add_argument("--tiny", action="store_true", help="tiny shapes and the tests' tiny UNet (dry run)")
+    doctor.add_argument("--csv", help="CSV to append every row to, with device, versions and git SHA")
+    doctor.add_argument("--repeats", type=int, default=3, help="interleaved UNet step rounds after one warm-up")
+    doctor.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    doctor.add_argument("--seed", type=int, help="seed of the random inputs (default: fresh, printed)")
     return parser
 
 
@@ -218,4 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0].startswith("-"):
         argv = ["bench"] + argv
     args = build_parser().parse_args(argv)
+    if args.command == "doctor":
+        from .doctor import run_doctor  # doctor.py imports this module's UNet builders
+
+        sys.exit(run_doctor(args))
     {"bench": run_bench, "flops": run_flops, "generate": run_generate}[args.command](args)
