@@ -4,7 +4,8 @@ It prints the versions and the device, then one table, a row as soon as it exist
 
 * ``checks``: every op's kernel against its fp32 reference at SDXL's shapes, and the whole per-block
   chain with kept sets exact (``atedm_kernels.selfcheck``, whose docstring states the rules);
-* ``block``: ms of each stage of one pruning block and AT-EDM's overhead over plain attention;
+* ``block``: ms of each stage of one pruning block, on the path the integration runs (``--backend``; on
+  the CPU never the interpreter), and AT-EDM's overhead over plain attention;
 * ``step``: one UNet step (batch 2 = one image with CFG), full against preset c in its late phase,
   interleaved, with the speed-up and eta = speed-up / FLOPs-ideal speed-up of that phase.
 
@@ -102,19 +103,20 @@ def _package_version(name: str) -> str:
 
 
 def header_lines(settings: Settings, environment: dict) -> list[str]:
-    backend = selfcheck.kernel_backend(settings.backend, settings.device)
+    checked = selfcheck.kernel_backend(settings.backend, settings.device)
     lines = [
         f"atedm doctor: python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
         f"triton {environment['triton']}, diffusers {_package_version('diffusers')}, numpy {_package_version('numpy')}, "
         f"atedm git {environment['git_sha']}",
-        f"device: {environment['device']}; TRITON_INTERPRET={environment['triton_interpret']}; "
-        f"kernels under test: {selfcheck.describe_backend(backend, settings.device)}",
+        f"device: {environment['device']}; TRITON_INTERPRET={environment['triton_interpret']}",
+        f"checks test {selfcheck.describe_backend(checked, settings.device)}; block and step time "
+        f"{selfcheck.describe_backend(settings.backend, settings.device)}",
         f"dtypes {', '.join(selfcheck.dtype_name(d) for d in settings.dtypes)}; {settings.resolution} px; sections "
         f"{', '.join(settings.sections)}; input seed {settings.seed} (--seed to repeat)",
         "checks: ms = the check's wall time, compiles and reference included; block, step: median ms per call",
     ]
-    if triton_interpreter_on():
-        lines.append("under the Triton interpreter the block times show only that the code runs")
+    if triton_interpreter_on() and settings.backend == "triton":
+        lines.append("under the Triton interpreter the block and step times show only that the code runs")
     return lines
 
 
@@ -280,7 +282,6 @@ def run_doctor(args) -> int:
         print(line, flush=True)
     table = Table(environment, args.csv)
     start = time.perf_counter()
-    backend = selfcheck.kernel_backend(settings.backend, settings.device)
     preset = get_preset(STEP_PRESET)
     plan = dict(prune_ratio=preset.prune_ratio, iterations=preset.gwpr_iterations, seed=settings.seed)
     try:
@@ -289,10 +290,12 @@ def run_doctor(args) -> int:
         print(f"atedm doctor: {exc}", flush=True)
         return 2
     if "checks" in settings.sections:
-        for new_row in selfcheck.check_rows(shapes, settings.dtypes, settings.device, backend, **plan):
+        checked = selfcheck.kernel_backend(settings.backend, settings.device)
+        for new_row in selfcheck.check_rows(shapes, settings.dtypes, settings.device, checked, **plan):
             table.add(new_row)
     if "block" in settings.sections:
-        for new_row in selfcheck.block_rows(shapes, settings.dtypes, settings.device, backend, **plan):
+        # Timed as the pipeline runs, like the step: on the CPU that is never the interpreter.
+        for new_row in selfcheck.block_rows(shapes, settings.dtypes, settings.device, settings.backend, **plan):
             table.add(new_row)
     if "step" in settings.sections:
         for new_row in step_rows(args, settings):

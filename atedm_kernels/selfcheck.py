@@ -106,11 +106,12 @@ def kernel_backend(requested: str, device: torch.device) -> str:
 
 
 def describe_backend(backend: str, device: torch.device) -> str:
-    if backend == "triton":
-        return "Triton kernels (interpreter)" if triton_interpreter_on() else "Triton kernels (compiled)"
+    """What ``backend`` runs on ``device``, in words."""
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        return f"{backend}: Triton kernels" + (" (interpreter)" if triton_interpreter_on() else "")
     if device.type == "cpu":
-        return "CPU production path (PyTorch fused CPU attention, one-pass map, PyTorch references)"
-    return "PyTorch references"
+        return f"{backend}: CPU production path (PyTorch fused CPU attention, one-pass map, PyTorch references)"
+    return f"{backend}: PyTorch references"
 
 
 def row(section: str, item: str, dtype: str, shape: str, result: str, ms: float | None = None, note: str = "") -> dict:
@@ -534,7 +535,7 @@ def block_rows(
     """ms of each stage of one pruning block (median after warm-up, ``timing_rounds``), and AT-EDM's
     overhead: the pruning layer's attention beyond plain SDPA, plus plan, gather and copy."""
     device = torch.device(device)
-    warmup, repeats = timing_rounds(device)
+    warmup, repeats = timing_rounds(device, backend)
     generator = torch.Generator(device=device).manual_seed(seed)
     for shape in shapes:
         for dtype in dtypes:
@@ -558,13 +559,13 @@ def block_rows(
             yield _overhead_row(timed, name, shape)
 
 
-def timing_rounds(device: torch.device) -> tuple[int, int]:
+def timing_rounds(device: torch.device, backend: str) -> tuple[int, int]:
     """(warm-up calls, timed calls) per stage. A GPU stage takes well under a millisecond at 1024 px, so
     20 calls cost nothing; a CPU stage at 512 px up to a second; under the interpreter the time measures
     nothing but that the code runs, and one call of the plan takes over a second at tiny shapes."""
     if device.type == "cuda":
         return 5, 20
-    return (0, 1) if triton_interpreter_on() else (1, 5)
+    return (0, 1) if backend == "triton" else (1, 5)
 
 
 def _block_stages(shape, dtype, device, backend, prune_ratio, iterations, generator) -> dict:
