@@ -50,6 +50,7 @@ class Settings:
     dtypes: list[torch.dtype]
     resolution: int
     sections: tuple[str, ...]
+    shapes: list[selfcheck.BlockShape]
     backend: str
     seed: int
     tiny: bool
@@ -67,17 +68,20 @@ def default_dtypes(device: torch.device) -> list[torch.dtype]:
 
 def resolve_settings(args) -> Settings:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtypes = ([getattr(torch, name.strip()) for name in args.dtypes.split(",") if name.strip()]
-              if args.dtypes else default_dtypes(device))
-    unknown = [dtype for dtype in dtypes if dtype not in selfcheck.TOLERANCES]
-    if unknown or not dtypes:
-        raise ValueError(f"--dtypes takes float32, float16, bfloat16; got {args.dtypes!r}")
+    by_name = {selfcheck.dtype_name(dtype): dtype for dtype in selfcheck.TOLERANCES}
+    names = [name.strip() for name in args.dtypes.split(",") if name.strip()] if args.dtypes else []
+    if args.dtypes is not None and (not names or not set(names) <= set(by_name)):
+        raise ValueError(f"--dtypes takes {','.join(by_name)}; got {args.dtypes!r}")
+    dtypes = [by_name[name] for name in names] or default_dtypes(device)
     sections = tuple(name.strip() for name in args.sections.split(",") if name.strip())
     if not sections or not set(sections) <= set(SECTIONS):
         raise ValueError(f"--sections takes a subset of {','.join(SECTIONS)}; got {args.sections!r}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1; got {args.repeats}")
     resolution = args.resolution or (TINY_RESOLUTION if args.tiny else 1024 if device.type == "cuda" else 512)
+    shapes = selfcheck.sdxl_block_shapes(resolution, args.tiny)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    return Settings(device, dtypes, resolution, sections, args.backend, seed, args.tiny)
+    return Settings(device, dtypes, resolution, sections, shapes, args.backend, seed, args.tiny)
 
 
 def load_tiny_unet_config() -> dict:
@@ -284,18 +288,14 @@ def run_doctor(args) -> int:
     start = time.perf_counter()
     preset = get_preset(STEP_PRESET)
     plan = dict(prune_ratio=preset.prune_ratio, iterations=preset.gwpr_iterations, seed=settings.seed)
-    try:
-        shapes = selfcheck.sdxl_block_shapes(settings.resolution, settings.tiny)
-    except ValueError as exc:
-        print(f"atedm doctor: {exc}", flush=True)
-        return 2
     if "checks" in settings.sections:
         checked = selfcheck.kernel_backend(settings.backend, settings.device)
-        for new_row in selfcheck.check_rows(shapes, settings.dtypes, settings.device, checked, **plan):
+        for new_row in selfcheck.check_rows(settings.shapes, settings.dtypes, settings.device, checked, **plan):
             table.add(new_row)
     if "block" in settings.sections:
         # Timed as the pipeline runs, like the step: on the CPU that is never the interpreter.
-        for new_row in selfcheck.block_rows(shapes, settings.dtypes, settings.device, settings.backend, **plan):
+        for new_row in selfcheck.block_rows(settings.shapes, settings.dtypes, settings.device, settings.backend,
+                                            **plan):
             table.add(new_row)
     if "step" in settings.sections:
         for new_row in step_rows(args, settings):
