@@ -18,9 +18,16 @@ keys in tiles of BLOCK_N with an online softmax in base 2 (running max ``m``, ru
 accumulator), so no N x N tensor ever exists; ``lse = ln2 * (m + log2 l)``. Grid: (cdiv(Nq, BLOCK_M),
 B * H). Full key tiles run unmasked; a ragged last tile is masked with -inf scores, so any N works.
 
+Providers on CUDA (``LSE_PROVIDERS``). PyTorch's own fused attention kernels (flash, memory-efficient,
+cuDNN) compute the lse anyway and hand it out through their aten ops; on Hopper they beat a hand-written
+FA2, so ``backend="auto"`` takes the first usable one of ``DEFAULT_CUDA_LSE_ORDER`` and keeps the Triton
+kernel below as the fallback (and as the only provider under the interpreter). Each PyTorch provider is
+checked once against the reference before first use (they are private ops whose output layout has moved
+between releases), and one that fails at run time is skipped with a warning (``_dispatch.guarded_launch``).
+
 Floor (performance.md, H100, level 2 B=2 H=10 N=4096 d=64): 4 B H N^2 d = 86 GFLOP of matmul (about
-107 us at 800 TFLOP/s) and B H N^2 = 336 M exps (about 86 us): about 0.11 ms. The target is PyTorch's
-SDPA flash backend within 1.15x (``benchmarks/bench_attention_lse.py``).
+107 us at 800 TFLOP/s) and B H N^2 = 336 M exps (about 86 us): about 0.11 ms. The Triton kernel's target
+is PyTorch's SDPA flash backend within 1.15x (``benchmarks/bench_attention_lse.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import math
 import torch
 
 from ._chunking import heads_per_chunk
-from ._dispatch import check_same_device, resolve_backend
+from ._dispatch import check_same_device, guarded_launch, resolve_backend
 from ._triton import autotune, dot_precision, head_dim_block, jit, load_head_rows, tl, triton
 
 
@@ -190,24 +197,132 @@ def _attention_with_lse_launch(
     return out, lse
 
 
+# PyTorch's own fused CUDA attention kernels that hand out the row log-sum-exp, best first by default
+# (``DEFAULT_CUDA_LSE_ORDER``), and our Triton FA2 as the fallback. Each is called through its aten op:
+# the public SDPA returns no lse. They compute softmax(q k^T * scale) v exactly like the Triton kernel,
+# so for the pruning layer the lse costs nothing beyond the attention every layer pays anyway.
+LSE_PROVIDERS = ("flash", "efficient", "cudnn", "triton")
+# Until a GPU run times them side by side (benchmarks/gpu_run.py, step d), flash first: it is what SDPA
+# itself picks for SDXL's fp16 d = 64 attention on sm_80 and sm_90. fp32 inputs can only use "efficient".
+DEFAULT_CUDA_LSE_ORDER = ("flash", "efficient", "cudnn", "triton")
+# The torch release from which each aten op has the signature called below.
+_PROVIDER_MIN_TORCH = {"flash": (2, 2), "efficient": (2, 2), "cudnn": (2, 5)}
+_PROVIDER_DTYPES = {
+    "flash": (torch.float16, torch.bfloat16),
+    "efficient": (torch.float16, torch.bfloat16, torch.float32),
+    "cudnn": (torch.float16, torch.bfloat16),
+    "triton": (torch.float16, torch.bfloat16),  # fp32 would take the spilling exact-dot kernel (_dispatch)
+}
+
+
+def _torch_release() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def _flash(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+    return out, lse
+
+
+def _efficient(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)[:2]
+    return out, lse
+
+
+def _cudnn(q, k, v, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+    return out, lse
+
+
+_TORCH_FUSED = {"flash": _flash, "efficient": _efficient, "cudnn": _cudnn}
+
+
+def _run_provider(provider: str, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, Nq, d), lse (B, H, Nq) fp32) from one provider. The memory-efficient kernel pads its lse
+    to a multiple of 32 rows and cuDNN returns (B, H, Nq, 1): both are brought to (B, H, Nq)."""
+    if provider == "triton":
+        return _attention_with_lse_launch(q, k, v, scale)
+    out, lse = _TORCH_FUSED[provider](q, k, v, scale)
+    batch, num_heads, n_q, _ = q.shape
+    return out, lse.reshape(batch, num_heads, -1)[:, :, :n_q].float()
+
+
+def _provider_supported(provider: str, q: torch.Tensor) -> bool:
+    if provider not in LSE_PROVIDERS:
+        raise ValueError(f"unknown lse provider {provider!r}; expected one of {LSE_PROVIDERS}")
+    if not q.is_cuda or q.dtype not in _PROVIDER_DTYPES[provider]:
+        return False
+    if provider == "triton":
+        return triton is not None
+    return (_torch_release() >= _PROVIDER_MIN_TORCH[provider]
+            and hasattr(torch.ops.aten, f"_scaled_dot_product_{provider}_attention"))
+
+
+# (provider, device, dtype, head dim) -> whether the provider passed its first-use check.
+_VALIDATED: dict[tuple, bool] = {}
+
+
+def _provider_validated(provider: str, q: torch.Tensor) -> bool:
+    """Run a provider once per (device, dtype, head dim) on a small random input against the fp32
+    reference before trusting it: these are private aten ops, and a release that changed an lse's layout
+    or base would otherwise rank tokens silently wrong. A provider that raises or disagrees is not used."""
+    key = (provider, str(q.device), q.dtype, q.shape[-1])
+    if key not in _VALIDATED:
+        generator = torch.Generator(device=q.device).manual_seed(0)
+        probe = [torch.randn(1, 2, 80, q.shape[-1], device=q.device, dtype=q.dtype, generator=generator)
+                 for _ in range(3)]
+        scale = q.shape[-1] ** -0.5
+        try:
+            out, lse = _run_provider(provider, *probe, scale)
+            ref_out, ref_lse = attention_with_lse_ref(*probe, scale)
+            atol = 1e-4 if q.dtype == torch.float32 else 2e-2
+            _VALIDATED[key] = bool(lse.shape == ref_lse.shape and torch.allclose(lse, ref_lse, atol=atol, rtol=0)
+                                   and torch.allclose(out.float(), ref_out.float(), atol=atol, rtol=atol))
+        except Exception:  # noqa: BLE001 - an unusable provider is simply skipped
+            _VALIDATED[key] = False
+    return _VALIDATED[key]
+
+
+def available_lse_providers(q: torch.Tensor) -> list[str]:
+    """The providers that can compute attention with lse for tensors like ``q`` on this machine, in the
+    default order (checked once per device, dtype and head dim against the reference)."""
+    return [p for p in DEFAULT_CUDA_LSE_ORDER if _provider_supported(p, q) and _provider_validated(p, q)]
+
+
+def _attention_with_lse_on_cuda(q, k, v, scale: float, provider: str, fallback: bool):
+    """Eager body of the op on a GPU: a named provider, or (``"auto"``) the first usable one, each failure
+    handled like a failed kernel (``guarded_launch``); the fp32 reference when none is left."""
+    order = DEFAULT_CUDA_LSE_ORDER if provider == "auto" else (provider,)
+    candidates = [p for p in order if _provider_supported(p, q) and (provider != "auto" or _provider_validated(p, q))]
+
+    def attempt(remaining: list[str]):
+        if not remaining:
+            return attention_with_lse_ref(q, k, v, scale)
+        first, rest = remaining[0], remaining[1:]
+        return guarded_launch(f"attention_with_lse[{first}]", q.device, fallback,
+                              lambda: _run_provider(first, q, k, v, scale), lambda: attempt(rest))
+
+    return attempt(candidates if fallback else candidates[:1])
+
+
 @torch.library.custom_op("atedm::attention_with_lse", mutates_args=())
 def _attention_with_lse_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, provider: str = "triton", fallback: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Opaque to torch.compile: the graph around the pruning layer stays whole."""
-    return _attention_with_lse_launch(q, k, v, scale)
+    """Opaque to torch.compile: the graph around the pruning layer stays whole, and the provider choice
+    (with its first-use check) and the fallback run eagerly."""
+    if not q.is_cuda:  # the interpreter (tests): our kernel is the only provider there
+        return guarded_launch("attention_with_lse[triton]", q.device, fallback,
+                              lambda: _attention_with_lse_launch(q, k, v, scale),
+                              lambda: attention_with_lse_ref(q, k, v, scale))
+    return _attention_with_lse_on_cuda(q, k, v, scale, provider, fallback)
 
 
 @_attention_with_lse_op.register_fake
-def _attention_with_lse_fake(q, k, v, scale):
+def _attention_with_lse_fake(q, k, v, scale, provider="triton", fallback=False):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-
-
-def _attention_with_lse_triton(q, k, v, scale):
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not scale > 0:
-        raise ValueError(f"the Triton attention kernel needs a positive softmax scale; got {scale!r}")
-    return _attention_with_lse_op(q, k, v, scale)
 
 
 def attention_with_lse(
@@ -216,16 +331,41 @@ def attention_with_lse(
     v: torch.Tensor,
     scale: float | None = None,
     backend: str = "auto",
+    provider: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention output and fp32 row log-sum-exp; see the module docstring for the math and shapes."""
+    """Attention output and fp32 row log-sum-exp; see the module docstring for the math and shapes.
+
+    On CUDA, ``backend="auto"`` takes the first usable provider of ``DEFAULT_CUDA_LSE_ORDER`` (PyTorch's
+    flash, memory-efficient or cuDNN attention, then our Triton kernel), falling back past any that fails;
+    ``backend="triton"`` runs our kernel and raises if it fails. ``provider`` forces one (ValueError when
+    it cannot run here). fp32 CUDA inputs never take the Triton kernel (see ``_dispatch``).
+    """
     _check_qkv(q, k, v)
-    if resolve_backend(backend, q, k, v) == "triton":
-        return _attention_with_lse_triton(q, k, v, scale)
+    if provider is not None:
+        if not _provider_supported(provider, q):
+            raise ValueError(f"lse provider {provider!r} cannot run {q.dtype} attention on {q.device} with torch "
+                             f"{torch.__version__}; available: {available_lse_providers(q)}")
+        return _attention_with_lse_triton(q, k, v, scale, provider, False)
+    route = resolve_backend(backend, q, k, v)
+    if route == "triton":
+        if q.is_cuda and q.dtype == torch.float32:
+            # PyTorch's memory-efficient attention takes fp32 (our kernel's exact fp32 dot spills), else
+            # the reference.
+            return _attention_with_lse_triton(q, k, v, scale, "efficient", True)
+        return _attention_with_lse_triton(q, k, v, scale, "auto" if backend == "auto" else "triton", backend == "auto")
     # aten's CPU flash kernel dies with SIGFPE on zero heads or zero queries; the reference returns the
     # empty result.
     if q.device.type == "cpu" and q.shape[1] > 0 and q.shape[2] > 0:
         return _attention_with_lse_cpu_flash(q, k, v, scale)
     return attention_with_lse_ref(q, k, v, scale)
+
+
+def _attention_with_lse_triton(q, k, v, scale: float | None, provider: str, fallback: bool):
+    """The fused route (our kernel or a PyTorch fused kernel, see ``attention_with_lse``)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"the fused attention kernels need a positive softmax scale; got {scale!r}")
+    return _attention_with_lse_op(q, k, v, scale, provider, fallback)
 
 
 def _attention_with_lse_cpu_flash(q, k, v, scale):

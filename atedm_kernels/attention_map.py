@@ -35,7 +35,7 @@ import math
 import torch
 
 from ._chunking import heads_per_chunk
-from ._dispatch import check_same_device, resolve_backend, triton_interpreter_on
+from ._dispatch import check_same_device, guarded_launch, resolve_backend, triton_interpreter_on
 from ._triton import autotune, dot_precision, head_dim_block, jit, load_head_rows, tl, triton
 
 
@@ -189,19 +189,22 @@ def _head_mean_attention_map_launch(
 
 @torch.library.custom_op("atedm::head_mean_attention_map", mutates_args=())
 def _head_mean_attention_map_op(
-    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, out_dtype: torch.dtype
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, out_dtype: torch.dtype, fallback: bool = False
 ) -> torch.Tensor:
     """Opaque to torch.compile: the graph around the pruning layer stays whole."""
-    return _head_mean_attention_map_launch(q, k, lse, scale, out_dtype)[0]
+    return guarded_launch("head_mean_attention_map", q.device, fallback,
+                          lambda: _head_mean_attention_map_launch(q, k, lse, scale, out_dtype)[0],
+                          lambda: head_mean_attention_map_ref(q, k, lse, scale, out_dtype))
 
 
 @_head_mean_attention_map_op.register_fake
-def _head_mean_attention_map_fake(q, k, lse, scale, out_dtype):
+def _head_mean_attention_map_fake(q, k, lse, scale, out_dtype, fallback=False):
     return q.new_empty(q.shape[0], q.shape[2], k.shape[2], dtype=out_dtype)
 
 
-def _head_mean_attention_map_triton(q, k, lse, scale, out_dtype):
-    return _head_mean_attention_map_op(q, k, lse, q.shape[-1] ** -0.5 if scale is None else float(scale), out_dtype)
+def _head_mean_attention_map_triton(q, k, lse, scale, out_dtype, fallback):
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _head_mean_attention_map_op(q, k, lse, scale, out_dtype, fallback)
 
 
 def head_mean_attention_map(
@@ -214,8 +217,8 @@ def head_mean_attention_map(
 ) -> torch.Tensor:
     """Abar = mean over heads of softmax(q k^T * scale), from q, k and lse; see the module docstring."""
     _check_qk_lse(q, k, lse)
-    if resolve_backend(backend, q, k, lse) == "triton":
-        return _head_mean_attention_map_triton(q, k, lse, scale, out_dtype)
+    if resolve_backend(backend, q, k, lse, uses_dot=True) == "triton":
+        return _head_mean_attention_map_triton(q, k, lse, scale, out_dtype, backend == "auto")
     return head_mean_attention_map_ref(q, k, lse, scale, out_dtype)
 
 

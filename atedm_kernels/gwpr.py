@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 
 from ._chunking import heads_per_chunk
-from ._dispatch import check_same_device, resolve_backend
+from ._dispatch import check_same_device, guarded_launch, resolve_backend
 from ._triton import autotune, dot_precision, head_dim_block, jit, load_head_rows, tl, triton
 from .attention_map import _check_qk_lse, _head_mean_attention_map_launch, head_mean_attention_map, head_probabilities
 
@@ -310,21 +310,26 @@ def _gwpr_scores_op(
     head_reduction: str,
     scale: float,
     attention_map: Optional[torch.Tensor],
+    fallback: bool = False,
 ) -> torch.Tensor:
     """Opaque to torch.compile: the graph around the pruning layer stays whole."""
-    return _gwpr_scores_launch(q, k, lse, iterations, head_reduction, scale, attention_map)
+    return guarded_launch(
+        "gwpr_scores", q.device, fallback,
+        lambda: _gwpr_scores_launch(q, k, lse, iterations, head_reduction, scale, attention_map),
+        lambda: gwpr_scores_ref(q, k, lse, iterations, head_reduction, scale, attention_map),
+    )
 
 
 @_gwpr_scores_op.register_fake
-def _gwpr_scores_fake(q, k, lse, iterations, head_reduction, scale, attention_map):
+def _gwpr_scores_fake(q, k, lse, iterations, head_reduction, scale, attention_map, fallback=False):
     return q.new_empty(q.shape[0], q.shape[2], dtype=torch.float32)
 
 
-def _gwpr_scores_triton(q, k, lse, iterations, head_reduction, scale, attention_map):
+def _gwpr_scores_triton(q, k, lse, iterations, head_reduction, scale, attention_map, fallback):
     # The kernels read the map through raw pointers, so a map on another device must fail here.
     check_same_device(q=q, attention_map=attention_map)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _gwpr_scores_op(q, k, lse, iterations, head_reduction, scale, attention_map)
+    return _gwpr_scores_op(q, k, lse, iterations, head_reduction, scale, attention_map, fallback)
 
 
 def gwpr_scores(
@@ -354,6 +359,8 @@ def gwpr_scores(
     n = q.shape[2]
     if attention_map is not None and attention_map.shape != (q.shape[0], n, n):
         raise ValueError(f"attention_map must be (B, N, N) = {(q.shape[0], n, n)}; got {tuple(attention_map.shape)}")
-    if resolve_backend(backend, q, k, lse) == "triton":
-        return _gwpr_scores_triton(q, k, lse, iterations, head_reduction, scale, attention_map)
+    # Only the walk over a given map runs without tl.dot (the map build and the recompute steps multiply).
+    uses_dot = attention_map is None or head_reduction == "rms"
+    if resolve_backend(backend, q, k, lse, uses_dot=uses_dot) == "triton":
+        return _gwpr_scores_triton(q, k, lse, iterations, head_reduction, scale, attention_map, backend == "auto")
     return gwpr_scores_ref(q, k, lse, iterations, head_reduction, scale, attention_map)

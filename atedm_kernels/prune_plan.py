@@ -11,8 +11,10 @@ This chains the ops of this package in the order AT-EDM applies them inside one 
 Whether Abar is written at all follows ``gwpr.materialize_attention_map`` (by N, H, K and a memory
 budget): at 1024 px it is (67 MB at level 2 in fp16); at 2048 px level 2 it would be 1 GB, so G-WPR and
 the recovery match recompute their map entries from Q, K and lse instead, tile by tile. The map is
-fp16 on the Triton path (values in [0, 1], far from fp16's range limits; bf16 would keep too few bits
-to rank close scores) and fp32 in the PyTorch reference.
+fp16 on the Triton path for fp16/bf16 models (values in [0, 1], far from fp16's range limits; bf16 would
+keep too few bits to rank close scores), and fp32 for fp32 models and in the PyTorch reference: an fp16
+map under fp32 inputs rounds away score differences that the fp32 reference ranks by, and kept sets then
+differ (seen: 3 of 11 blocks of the tiny SDXL-shaped UNet at K = 3).
 
 The hidden-state work (gather of the kept rows, scatter-recovery of the full stream) happens later in the
 block, where those tensors exist; it only needs ``keep`` and ``src``. Abar is dropped on return, so no
@@ -101,7 +103,8 @@ def plan_token_pruning(
             raise ValueError(f"attention_map must be (B, N, N) = {(batch, num_tokens, num_tokens)}; "
                              f"got {tuple(attention_map.shape)}")
     elif attention_map is None and reads_map and materialize_attention_map(batch, num_heads, num_tokens, iterations):
-        map_dtype = torch.float16 if resolve_backend(backend, q, k, lse) == "triton" else torch.float32
+        half_map = q.dtype != torch.float32 and resolve_backend(backend, q, k, lse, uses_dot=True) == "triton"
+        map_dtype = torch.float16 if half_map else torch.float32
         attention_map = head_mean_attention_map(q, k, lse, scale, out_dtype=map_dtype, backend=backend)
     if ranking == "gwpr" and lse is None:
         scores = gwpr_power_iteration(attention_map, iterations)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 
 from ._chunking import rows_per_chunk
-from ._dispatch import check_same_device, resolve_backend, triton_interpreter_on
+from ._dispatch import check_same_device, guarded_launch, resolve_backend, triton_interpreter_on
 from ._triton import head_dim_block, jit, tl, triton
 from .attention_map import head_probabilities
 from .topk_gather import _gather_rows_into
@@ -404,26 +404,35 @@ def _recovery_source_triton(
     queries: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     scale: float | None = None,
+    fallback: bool = False,
 ) -> torch.Tensor:
     """Triton recovery match as an opaque op, so a compiled caller keeps one graph around the launch."""
-    src = torch.empty(keep_idx.shape[0], num_tokens, dtype=torch.int64, device=keep_idx.device)
-    return _recovery_source_into(src, keep_idx, num_tokens, rule, attention_map, keys, queries, lse, scale)
+    def launch():
+        src = torch.empty(keep_idx.shape[0], num_tokens, dtype=torch.int64, device=keep_idx.device)
+        return _recovery_source_into(src, keep_idx, num_tokens, rule, attention_map, keys, queries, lse, scale)
+
+    recompute = dict(queries=queries, lse=lse, scale=scale) if lse is not None else {}
+    return guarded_launch("recovery_source", keep_idx.device, fallback, launch,
+                          lambda: recovery_source_ref(keep_idx, num_tokens, rule, attention_map, keys, **recompute))
 
 
 @_recovery_source_triton.register_fake
-def _(keep_idx, num_tokens, rule, attention_map, keys, queries=None, lse=None, scale=None):
+def _(keep_idx, num_tokens, rule, attention_map, keys, queries=None, lse=None, scale=None, fallback=False):
     return keep_idx.new_empty(keep_idx.shape[0], num_tokens, dtype=torch.int64)
 
 
 @torch.library.custom_op("atedm::scatter_recover", mutates_args=())
-def _scatter_recover_triton(kept: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+def _scatter_recover_triton(kept: torch.Tensor, src: torch.Tensor, fallback: bool = False) -> torch.Tensor:
     """Triton refill of the full stream as an opaque op: the row gather full[b, i] = kept[b, src[b, i]]."""
-    full = kept.new_empty(kept.shape[0], src.shape[1], kept.shape[2])
-    return _gather_rows_into(full, kept, src)
+    def launch():
+        full = kept.new_empty(kept.shape[0], src.shape[1], kept.shape[2])
+        return _gather_rows_into(full, kept, src)
+
+    return guarded_launch("scatter_recover", kept.device, fallback, launch, lambda: scatter_recover_ref(kept, src))
 
 
 @_scatter_recover_triton.register_fake
-def _(kept, src):
+def _(kept, src, fallback=False):
     return kept.new_empty(kept.shape[0], src.shape[1], kept.shape[2])
 
 
@@ -479,8 +488,11 @@ def recovery_source(
         operands = {"queries": queries, "keys": keys, "lse": lse}
     check_same_device(keep_idx=keep_idx, **operands)
     recompute = dict(queries=queries, lse=lse, scale=scale) if "lse" in operands else {}
-    if resolve_backend(backend, keep_idx, *operands.values()) == "triton":
-        return _recovery_source_triton(keep_idx, num_tokens, rule, attention_map, keys, **recompute)
+    # Reading a given map needs no tl.dot; key cosine and the recompute rules multiply tiles.
+    uses_dot = "attention_map" not in operands
+    if resolve_backend(backend, keep_idx, *operands.values(), uses_dot=uses_dot) == "triton":
+        return _recovery_source_triton(keep_idx, num_tokens, rule, attention_map, keys, **recompute,
+                                       fallback=backend == "auto")
     return recovery_source_ref(keep_idx, num_tokens, rule, attention_map, keys, **recompute)
 
 
@@ -493,5 +505,5 @@ def scatter_recover(kept: torch.Tensor, src: torch.Tensor, backend: str = "auto"
         raise ValueError(f"kept holds no rows to refill {src.shape[1]} tokens from; got kept {tuple(kept.shape)}")
     check_same_device(kept=kept, src=src)
     if resolve_backend(backend, kept, src) == "triton":
-        return _scatter_recover_triton(kept, src)
+        return _scatter_recover_triton(kept, src, backend == "auto")
     return scatter_recover_ref(kept, src)

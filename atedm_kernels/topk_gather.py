@@ -44,7 +44,7 @@ import math
 
 import torch
 
-from ._dispatch import check_same_device, resolve_backend, triton_interpreter_on
+from ._dispatch import check_same_device, guarded_launch, resolve_backend, triton_interpreter_on
 from ._triton import jit, tl, triton
 
 CFG_MASK_MODES = ("per_sample", "shared_cond")
@@ -217,14 +217,18 @@ def _topk_keep_indices_into(keep: torch.Tensor, scores: torch.Tensor, k: int) ->
 
 
 @torch.library.custom_op("atedm::topk_keep_indices", mutates_args=())
-def _topk_keep_indices_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _topk_keep_indices_triton(scores: torch.Tensor, k: int, fallback: bool = False) -> torch.Tensor:
     """Triton top-k as an opaque op, so a compiled caller keeps one graph around the launch."""
-    keep = torch.empty(scores.shape[0], k, dtype=torch.int64, device=scores.device)
-    return _topk_keep_indices_into(keep, scores, k)
+    def launch():
+        keep = torch.empty(scores.shape[0], k, dtype=torch.int64, device=scores.device)
+        return _topk_keep_indices_into(keep, scores, k)
+
+    return guarded_launch("topk_keep_indices", scores.device, fallback, launch,
+                          lambda: topk_keep_indices_ref(scores, k))
 
 
 @_topk_keep_indices_triton.register_fake
-def _(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _(scores: torch.Tensor, k: int, fallback: bool = False) -> torch.Tensor:
     return scores.new_empty(scores.shape[0], k, dtype=torch.int64)
 
 
@@ -259,14 +263,17 @@ def _gather_rows_into(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor)
 
 
 @torch.library.custom_op("atedm::gather_tokens", mutates_args=())
-def _gather_tokens_triton(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+def _gather_tokens_triton(x: torch.Tensor, keep_idx: torch.Tensor, fallback: bool = False) -> torch.Tensor:
     """Triton gather of the kept rows as an opaque op (see ``_topk_keep_indices_triton``)."""
-    out = x.new_empty(x.shape[0], keep_idx.shape[1], x.shape[2])
-    return _gather_rows_into(out, x, keep_idx)
+    def launch():
+        out = x.new_empty(x.shape[0], keep_idx.shape[1], x.shape[2])
+        return _gather_rows_into(out, x, keep_idx)
+
+    return guarded_launch("gather_tokens", x.device, fallback, launch, lambda: gather_tokens_ref(x, keep_idx))
 
 
 @_gather_tokens_triton.register_fake
-def _(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, keep_idx: torch.Tensor, fallback: bool = False) -> torch.Tensor:
     return x.new_empty(x.shape[0], keep_idx.shape[1], x.shape[2])
 
 
@@ -277,7 +284,7 @@ def topk_keep_indices(scores: torch.Tensor, k: int, backend: str = "auto") -> to
     if not isinstance(k, int) or not 1 <= k <= scores.shape[1]:
         raise ValueError(f"k must be an int in [1, N={scores.shape[1]}]; got {k!r}")
     if resolve_backend(backend, scores) == "triton":
-        return _topk_keep_indices_triton(scores, k)
+        return _topk_keep_indices_triton(scores, k, backend == "auto")
     return topk_keep_indices_ref(scores, k)
 
 
@@ -290,5 +297,5 @@ def gather_tokens(x: torch.Tensor, keep_idx: torch.Tensor, backend: str = "auto"
         raise ValueError(f"keep_idx keeps {keep_idx.shape[1]} tokens of a stream of N={x.shape[1]}")
     check_same_device(x=x, keep_idx=keep_idx)
     if resolve_backend(backend, x, keep_idx) == "triton":
-        return _gather_tokens_triton(x, keep_idx)
+        return _gather_tokens_triton(x, keep_idx, backend == "auto")
     return gather_tokens_ref(x, keep_idx)

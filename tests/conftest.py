@@ -1,13 +1,18 @@
 # The interpreter flag is read when a Triton kernel is decorated, and importing diffusers or
-# torch._dynamo imports triton: set it before anything else is imported.
+# torch._dynamo imports triton: decide it before anything else is imported (torch itself does not
+# import triton). Without a GPU the kernel tests run under the interpreter; on a GPU they run compiled,
+# since the interpreter of triton 3.6 (the GPU image's) breaks with numpy >= 2.4. An explicit
+# TRITON_INTERPRET in the environment always wins.
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
