@@ -1,6 +1,7 @@
 """Benchmark of ``gwpr_scores`` (atedm_kernels/gwpr.py) at SDXL's shapes.
 
-Providers: the Triton path, the PyTorch reference, torch.compile of the reference. Variants:
+Providers: the Triton path, the PyTorch reference, and with ``--compile-ref`` torch.compile of the
+reference. Variants:
 
 * ``mean_map``: K steps over a given fp16 head-averaged map (what the integration does when recovery
   also reads the map). Memory-bound: K reads of B N^2 x 2 bytes (about 22 us per step at level 2).
@@ -8,7 +9,7 @@ Providers: the Triton path, the PyTorch reference, torch.compile of the referenc
   sums, then K - 1 reads) or recomputes K times, as ``materialize_attention_map`` decides.
 * ``rms``: per-head walks recomputed from Q, K and lse: K exp-bound passes (about 86 us each at level 2).
 
-    python -m benchmarks.bench_gwpr [--quick] [--out PATH] [--dtype float16]
+    python -m benchmarks.bench_gwpr [--quick | --tiny] [--compile-ref] [--out PATH] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ import torch
 
 from atedm_kernels import gwpr_scores, gwpr_scores_ref, head_mean_attention_map_ref
 from atedm_kernels.gwpr import materialize_attention_map
-from benchmarks.bench_attention_lse import INPUT_SETS, QUICK_SHAPES, SHAPES
+from benchmarks.bench_attention_lse import INPUT_SETS, QUICK_SHAPES, SHAPES, TINY_SHAPES
 from benchmarks.bench_attention_map import MAP_DTYPE, q_k_lse
-from benchmarks.common import kernel_bench_args, markdown_table, rotating, time_providers, write_rows
+from benchmarks.common import (
+    bench_shapes,
+    kernel_bench_args,
+    markdown_table,
+    rotating,
+    time_providers,
+    write_rows,
+)
 
 # K = 1 is Zero-TPrune's deep-layer setting; K = 3 is atedm's default.
 ITERATIONS = (1, 3)
@@ -37,48 +45,48 @@ def phases(variant: str, iterations: int, batch: int, heads: int, n: int, head_d
     return [recompute] * iterations
 
 
-def providers(device: torch.device, next_inputs, variant: str, iterations: int) -> dict:
+def providers(args, next_inputs, variant: str, iterations: int) -> dict:
     reduction = "rms" if variant == "rms" else "mean"
-    # A fresh cache per shape and variant: past dynamo's recompile limit the compiled provider would
-    # silently run eagerly.
-    torch._dynamo.reset()
-    compiled_ref = torch.compile(gwpr_scores_ref)
 
     def call(fn, **kwargs):
         q, k, lse, amap = next_inputs()
         return fn(q, k, lse, iterations, reduction, attention_map=amap if variant == "mean_map" else None, **kwargs)
 
-    chosen = {"torch_ref": lambda: call(gwpr_scores_ref), "torch_compile_ref": lambda: call(compiled_ref)}
-    if device.type == "cuda":
+    chosen = {"torch_ref": lambda: call(gwpr_scores_ref)}
+    if args.triton:
         chosen["triton"] = lambda: call(gwpr_scores, backend="triton")
+    if args.compile_ref:
+        # A fresh cache per shape and variant: past dynamo's recompile limit the compiled provider would
+        # silently run eagerly.
+        torch._dynamo.reset()
+        compiled_ref = torch.compile(gwpr_scores_ref)
+        chosen["torch_compile_ref"] = lambda: call(compiled_ref)
     return chosen
 
 
 def main() -> None:
     args = kernel_bench_args(__doc__.splitlines()[0], "gwpr.csv")
     rows = []
-    for label, (batch, heads, n, head_dim) in (QUICK_SHAPES if args.quick else SHAPES).items():
+    for label, (batch, heads, n, head_dim) in bench_shapes(args, SHAPES, QUICK_SHAPES, TINY_SHAPES).items():
         input_sets = []
         for _ in range(INPUT_SETS):
             q, k, lse = q_k_lse(batch, heads, n, head_dim, args.device, args.dtype)
             input_sets.append((q, k, lse, head_mean_attention_map_ref(q, k, lse, out_dtype=MAP_DTYPE)))
         for variant in VARIANTS:
             for iterations in ITERATIONS:
-                work = phases(variant, iterations, batch, heads, n, head_dim)
                 print(f"{label}: B={batch} H={heads} N={n} d={head_dim} {args.dtype} {variant} K={iterations}")
-                rows += time_providers(
-                    providers(args.device, rotating(input_sets), variant, iterations), args.device,
-                    flops=sum(phase.get("flops", 0.0) for phase in work),
-                    bytes_moved=sum(phase.get("bytes_moved", 0.0) for phase in work),
-                    phases=work,
+                variant_rows = time_providers(
+                    providers(args, rotating(input_sets), variant, iterations), args.device,
+                    phases=phases(variant, iterations, batch, heads, n, head_dim), repeats=args.repeats,
                     op="gwpr_scores", variant=f"{variant}_k{iterations}", shape=label, batch=batch, heads=heads,
                     tokens=n, head_dim=head_dim, dtype=str(args.dtype).removeprefix("torch."),
                 )
+                write_rows(args.out, variant_rows)
+                rows += variant_rows
         del input_sets
-    path = write_rows(args.out, rows)
-    print(markdown_table(rows, ["shape", "variant", "provider", "ms", "tflops", "gbps", "floor_ms", "pct_of_floor",
-                                "error"]))
-    print(f"rows appended to {path}")
+    print(markdown_table(rows, ["shape", "variant", "provider", "ms", "tflops", "gbps", "texps", "floor_ms",
+                                "pct_of_floor", "error"]))
+    print(f"rows appended to {args.out}")
 
 
 if __name__ == "__main__":

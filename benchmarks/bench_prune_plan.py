@@ -7,15 +7,24 @@ Targets on an H100 at level 2 (B = 2, K = 3): at most 0.3 ms (floor about 0.2 ms
 plus about five passes over the 67 MB averaged map), at least 10x faster than the PyTorch reference, and
 at most 80 MB of extra memory per block.
 
-    python -m benchmarks.bench_prune_plan [--quick] [--out PATH] [--dtype float16]
+Providers: the Triton kernels, the PyTorch reference path, and with ``--compile-ref`` torch.compile of it.
+
+    python -m benchmarks.bench_prune_plan [--quick | --tiny] [--compile-ref] [--out PATH] [--dtype float16]
 """
 
 from __future__ import annotations
 
 import torch
 
-from atedm_kernels import attention_with_lse_ref, gather_tokens, num_kept_tokens, plan_token_pruning, scatter_recover
-from benchmarks.common import kernel_bench_args, markdown_table, rotating, time_providers, write_rows
+from atedm_kernels import attention_with_lse, gather_tokens, num_kept_tokens, plan_token_pruning, scatter_recover
+from benchmarks.common import (
+    bench_shapes,
+    kernel_bench_args,
+    markdown_table,
+    rotating,
+    time_providers,
+    write_rows,
+)
 
 # (B, H, N, d, C): SDXL's attention levels at 1024 px with CFG, and level 2 at 2048 px.
 SHAPES = {
@@ -24,6 +33,7 @@ SHAPES = {
     "level2_2048px": (2, 10, 16384, 64, 640),
 }
 QUICK_SHAPES = {"quick": (2, 2, 256, 32, 64)}
+TINY_SHAPES = {"tiny": (2, 2, 64, 32, 32)}
 PRUNE_RATIO = 0.63
 ITERATIONS = 3
 INPUT_SETS = 2
@@ -50,48 +60,41 @@ def extra_memory_mb(fn, device: torch.device) -> float | None:
 def main() -> None:
     args = kernel_bench_args(__doc__.splitlines()[0], "prune_plan.csv")
     rows = []
-    for label, (batch, heads, n, head_dim, channels) in (QUICK_SHAPES if args.quick else SHAPES).items():
+    for label, (batch, heads, n, head_dim, channels) in bench_shapes(args, SHAPES, QUICK_SHAPES, TINY_SHAPES).items():
         input_sets = []
         for _ in range(INPUT_SETS):
             q, k, v = (torch.randn(batch, heads, n, head_dim, device=args.device, dtype=args.dtype) for _ in range(3))
-            _, lse = attention_with_lse_ref(q, k, v) if args.device.type != "cuda" else _flash_lse(q, k, v)
+            _, lse = attention_with_lse(q, k, v)
             hidden = torch.randn(batch, n, channels, device=args.device, dtype=args.dtype)
             input_sets.append((q, k, lse, hidden))
         next_inputs = rotating(input_sets)
-        torch._dynamo.reset()
-        compiled = torch.compile(block_pipeline)
-        providers = {
-            "torch_ref": lambda: block_pipeline(*next_inputs(), "torch"),
-            "torch_compile_ref": lambda: compiled(*next_inputs(), "torch"),
-        }
-        if args.device.type == "cuda":
+        providers = {"torch_ref": lambda: block_pipeline(*next_inputs(), "torch")}
+        if args.triton:
             providers["triton"] = lambda: block_pipeline(*next_inputs(), "triton")
+        if args.compile_ref:
+            torch._dynamo.reset()
+            compiled = torch.compile(block_pipeline)
+            providers["torch_compile_ref"] = lambda: compiled(*next_inputs(), "torch")
         print(f"{label}: B={batch} H={heads} N={n} d={head_dim} C={channels} {args.dtype}")
         map_bytes = batch * n * n * 2  # the fp16 head-averaged map
-        new_rows = time_providers(
+        shape_rows = time_providers(
             providers, args.device,
             phases=[dict(exps=float(batch * heads * n * n), flops=2.0 * batch * heads * n * n * head_dim),
-                    dict(bytes_moved=5.0 * map_bytes)],
+                    dict(bytes_moved=5.0 * map_bytes)], repeats=args.repeats,
             op="prune_plan", variant=f"rho={PRUNE_RATIO},K={ITERATIONS}", shape=label, batch=batch, heads=heads,
             tokens=n, head_dim=head_dim, dtype=str(args.dtype).removeprefix("torch."),
         )
-        for row in new_rows:
+        for row in shape_rows:
             fn = providers.get(row["provider"])
             row["extra_mb"] = extra_memory_mb(fn, args.device) if fn and not row["error"] else None
-        rows += new_rows
-    path = write_rows(args.out, rows)
-    print(markdown_table(rows, ["shape", "provider", "ms", "floor_ms", "pct_of_floor", "extra_mb", "error"]))
-    for label in dict.fromkeys(row["shape"] for row in rows):
-        by_provider = {row["provider"]: row["ms"] for row in rows if row["shape"] == label}
+        write_rows(args.out, shape_rows)
+        by_provider = {row["provider"]: row["ms"] for row in shape_rows}
         if by_provider.get("triton") and by_provider.get("torch_ref"):
             print(f"{label}: reference / triton = {by_provider['torch_ref'] / by_provider['triton']:.1f}x (target >= 10x)")
-    print(f"rows appended to {path}")
-
-
-def _flash_lse(q, k, v):
-    from atedm_kernels import attention_with_lse
-
-    return attention_with_lse(q, k, v, backend="triton")
+        rows += shape_rows
+        del input_sets
+    print(markdown_table(rows, ["shape", "provider", "ms", "floor_ms", "pct_of_floor", "extra_mb", "error"]))
+    print(f"rows appended to {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Benchmark of ``recovery_source`` and ``scatter_recover`` (atedm_kernels/recovery.py) at SDXL's shapes.
 
-Providers: the Triton kernel, the PyTorch reference, torch.compile of the reference. k = ceil(0.37 N).
+Providers: the Triton kernel, the PyTorch reference, and with ``--compile-ref`` torch.compile of the
+reference. k = ceil(0.37 N).
 Variants of the match: the three map rules reading a materialized Abar, the recompute of the default
 rule from Q, K and the lse (no map), and the key cosine; then the refill copy. Work counted (see the
 docstring of recovery.py for the floors):
@@ -12,7 +13,7 @@ docstring of recovery.py for the floors):
 * refill: B N C written, B k C read.
 Level 2 at 2048 px (a 1.07 GB map per image pair) runs the default rule, its recompute and the refill.
 
-    python -m benchmarks.bench_recovery [--quick] [--out PATH] [--dtype float16]
+    python -m benchmarks.bench_recovery [--quick | --tiny] [--compile-ref] [--out PATH] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from atedm_kernels import (
     scatter_recover_ref,
     topk_keep_indices_ref,
 )
-from benchmarks.common import kernel_bench_args, markdown_table, rotating, time_providers, write_rows
+from benchmarks.common import (
+    bench_shapes,
+    kernel_bench_args,
+    markdown_table,
+    rotating,
+    time_providers,
+    write_rows,
+)
 
 PRUNE_RATIO = 0.63
 # (B, H, N, d, C): SDXL's two attention levels at 1024 px with CFG, and level 2 at 2048 px.
@@ -38,6 +46,7 @@ SHAPES = {
     "level2_2048px": (2, 10, 16384, 64, 640),
 }
 QUICK_SHAPES = {"quick_level3_512px": (2, 20, 256, 64, 1280)}
+TINY_SHAPES = {"tiny": (2, 2, 64, 32, 32)}
 ALL_VARIANTS = ("map_attention", "map_attention_transposed", "map_symmetric", "recompute_attention", "key_cosine", "refill")
 # At 2048 px the map-reading variants other than the default cost GBs of reference temporaries and
 # add nothing the 1024 px rows do not show.
@@ -79,17 +88,16 @@ def call(variant: str, backend: str | None, n: int, inputs: dict):
     return recovery_source(inputs["keep"], n, rule, backend=backend, **operands)
 
 
-def providers(device: torch.device, variant: str, n: int, next_inputs) -> dict:
-    # A fresh cache per shape and variant: past dynamo's recompile limit the compiled provider would
-    # silently run eagerly.
-    torch._dynamo.reset()
-    compiled_call = torch.compile(call)
-    chosen = {
-        "torch_ref": lambda: call(variant, None, n, next_inputs()),
-        "torch_compile_ref": lambda: compiled_call(variant, None, n, next_inputs()),
-    }
-    if device.type == "cuda":
+def providers(args, variant: str, n: int, next_inputs) -> dict:
+    chosen = {"torch_ref": lambda: call(variant, None, n, next_inputs())}
+    if args.triton:
         chosen["triton"] = lambda: call(variant, "triton", n, next_inputs())
+    if args.compile_ref:
+        # A fresh cache per shape and variant: past dynamo's recompile limit the compiled provider would
+        # silently run eagerly.
+        torch._dynamo.reset()
+        compiled_call = torch.compile(call)
+        chosen["torch_compile_ref"] = lambda: compiled_call(variant, None, n, next_inputs())
     return chosen
 
 
@@ -112,23 +120,25 @@ def work(variant: str, batch, heads, n, head_dim, channels, k, itemsize) -> dict
 def main() -> None:
     args = kernel_bench_args(__doc__.splitlines()[0], "recovery.csv")
     rows = []
-    for label, (batch, heads, n, head_dim, channels) in (QUICK_SHAPES if args.quick else SHAPES).items():
+    for label, (batch, heads, n, head_dim, channels) in bench_shapes(args, SHAPES, QUICK_SHAPES, TINY_SHAPES).items():
         k = num_kept_tokens(n, PRUNE_RATIO)
         shape = (batch, heads, n, head_dim, channels, k)
         input_sets = [make_inputs(*shape, args.device, args.dtype) for _ in range(INPUT_SETS)]
         print(f"{label}: B={batch} H={heads} N={n} d={head_dim} C={channels} k={k} {args.dtype}")
         for variant in VARIANTS.get(label, ALL_VARIANTS):
-            rows += time_providers(
-                providers(args.device, variant, n, rotating(input_sets)), args.device,
-                **work(variant, *shape, args.dtype.itemsize),
+            variant_rows = time_providers(
+                providers(args, variant, n, rotating(input_sets)), args.device,
+                **work(variant, *shape, args.dtype.itemsize), repeats=args.repeats,
                 op="scatter_recover" if variant == "refill" else "recovery_source", variant=variant, shape=label,
                 batch=batch, heads=heads, tokens=n, head_dim=head_dim, channels=channels, kept=k,
                 dtype=str(args.dtype).removeprefix("torch."),
             )
+            write_rows(args.out, variant_rows)
+            rows += variant_rows
         del input_sets
-    path = write_rows(args.out, rows)
-    print(markdown_table(rows, ["variant", "shape", "provider", "ms", "tflops", "gbps", "floor_ms", "pct_of_floor", "error"]))
-    print(f"rows appended to {path}")
+    print(markdown_table(rows, ["variant", "shape", "provider", "ms", "tflops", "gbps", "texps", "floor_ms",
+                                "pct_of_floor", "error"]))
+    print(f"rows appended to {args.out}")
 
 
 if __name__ == "__main__":

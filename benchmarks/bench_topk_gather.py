@@ -1,12 +1,13 @@
 """Benchmark of ``topk_keep_indices`` and ``gather_tokens`` (atedm_kernels/topk_gather.py) at SDXL's shapes.
 
-Providers: the Triton kernel, the PyTorch reference, torch.compile of the reference. k = ceil(0.37 N)
+Providers: the Triton kernel, the PyTorch reference, and with ``--compile-ref`` torch.compile of the
+reference. k = ceil(0.37 N)
 (rho = 0.63). Work counted as bytes moved: the gather reads and writes B k C elements plus the indices,
 so its floor is a copy at the GPU's bandwidth (performance.md: 3.0 TB/s H100, 4.3 TB/s H200). Top-k reads
 B N fp32 scores and writes B k indices: its "floor" is nanoseconds, the kernel is latency-bound (33
 dependent passes in one program per image), so read its ms against the launch, not its % of floor.
 
-    python -m benchmarks.bench_topk_gather [--quick] [--out PATH] [--dtype float16]
+    python -m benchmarks.bench_topk_gather [--quick | --tiny] [--compile-ref] [--out PATH] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from __future__ import annotations
 import torch
 
 from atedm_kernels import gather_tokens, gather_tokens_ref, num_kept_tokens, topk_keep_indices, topk_keep_indices_ref
-from benchmarks.common import kernel_bench_args, markdown_table, rotating, time_providers, write_rows
+from benchmarks.common import (
+    bench_shapes,
+    kernel_bench_args,
+    markdown_table,
+    rotating,
+    time_providers,
+    write_rows,
+)
 
 PRUNE_RATIO = 0.63
 # (B, N, C): SDXL's two attention levels at 1024 px with CFG, and level 2 at 2048 px.
@@ -24,37 +32,39 @@ SHAPES = {
     "level2_2048px": (2, 16384, 640),
 }
 QUICK_SHAPES = {"quick_level3_512px": (2, 256, 1280)}
+TINY_SHAPES = {"tiny": (2, 64, 32)}
 # Input sets cycled through while timing: 4 x 42 MB of hidden states at 2048 px, beyond the 50 MB L2.
 INPUT_SETS = 4
 
 
-def providers(device: torch.device, op: str, next_inputs, k: int) -> dict:
-    # A fresh cache per shape and op: past dynamo's recompile limit the compiled provider would
-    # silently run eagerly.
-    torch._dynamo.reset()
+def providers(args, op: str, next_inputs, k: int) -> dict:
     if op == "topk_keep_indices":
-        compiled_ref = torch.compile(topk_keep_indices_ref)
-        chosen = {
-            "torch_ref": lambda: topk_keep_indices_ref(next_inputs()[0], k),
-            "torch_compile_ref": lambda: compiled_ref(next_inputs()[0], k),
-        }
-        if device.type == "cuda":
-            chosen["triton"] = lambda: topk_keep_indices(next_inputs()[0], k, backend="triton")
-        return chosen
-    compiled_ref = torch.compile(gather_tokens_ref)
-    chosen = {
-        "torch_ref": lambda: gather_tokens_ref(*next_inputs()[1:]),
-        "torch_compile_ref": lambda: compiled_ref(*next_inputs()[1:]),
-    }
-    if device.type == "cuda":
-        chosen["triton"] = lambda: gather_tokens(*next_inputs()[1:], backend="triton")
+        reference, kernel = topk_keep_indices_ref, topk_keep_indices
+
+        def call(fn, **kwargs):
+            return fn(next_inputs()[0], k, **kwargs)
+    else:
+        reference, kernel = gather_tokens_ref, gather_tokens
+
+        def call(fn, **kwargs):
+            return fn(*next_inputs()[1:], **kwargs)
+
+    chosen = {"torch_ref": lambda: call(reference)}
+    if args.triton:
+        chosen["triton"] = lambda: call(kernel, backend="triton")
+    if args.compile_ref:
+        # A fresh cache per shape and op: past dynamo's recompile limit the compiled provider would
+        # silently run eagerly.
+        torch._dynamo.reset()
+        compiled_ref = torch.compile(reference)
+        chosen["torch_compile_ref"] = lambda: call(compiled_ref)
     return chosen
 
 
 def main() -> None:
     args = kernel_bench_args(__doc__.splitlines()[0], "topk_gather.csv")
     rows = []
-    for label, (batch, n, channels) in (QUICK_SHAPES if args.quick else SHAPES).items():
+    for label, (batch, n, channels) in bench_shapes(args, SHAPES, QUICK_SHAPES, TINY_SHAPES).items():
         k = num_kept_tokens(n, PRUNE_RATIO)
         input_sets = []
         for _ in range(INPUT_SETS):
@@ -67,14 +77,17 @@ def main() -> None:
             "gather_tokens": 2 * batch * k * channels * args.dtype.itemsize + batch * k * 8,
         }
         for op, bytes_moved in work.items():
-            rows += time_providers(
-                providers(args.device, op, rotating(input_sets), k), args.device, bytes_moved=float(bytes_moved),
+            op_rows = time_providers(
+                providers(args, op, rotating(input_sets), k), args.device,
+                bytes_moved=float(bytes_moved), repeats=args.repeats,
                 op=op, shape=label, batch=batch, tokens=n, kept=k, channels=channels,
                 dtype=str(args.dtype).removeprefix("torch."),
             )
-    path = write_rows(args.out, rows)
+            write_rows(args.out, op_rows)
+            rows += op_rows
+        del input_sets
     print(markdown_table(rows, ["op", "shape", "provider", "ms", "gbps", "floor_ms", "pct_of_floor", "error"]))
-    print(f"rows appended to {path}")
+    print(f"rows appended to {args.out}")
 
 
 if __name__ == "__main__":

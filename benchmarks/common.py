@@ -19,16 +19,20 @@ from typing import Callable
 
 import torch
 
+from atedm_kernels._dispatch import triton_interpreter_on
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def git_sha() -> str:
+    """The checkout's short commit; ``ATEDM_GIT_SHA`` where the tree travelled without its .git (the GPU
+    machine gets a copy of the working tree only)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent)
         return out.stdout.strip()
     except Exception:
-        return "unknown"
+        return os.environ.get("ATEDM_GIT_SHA", "unknown")
 
 
 def environment_info(device: torch.device | str | None = None) -> dict:
@@ -54,7 +58,8 @@ def environment_info(device: torch.device | str | None = None) -> dict:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, repeats: int = 20) -> dict:
-    """Median and quartiles of ``fn`` in ms: triton.testing.do_bench on CUDA, wall clock on the CPU."""
+    """Median and quartiles of ``fn`` in ms: triton.testing.do_bench on CUDA, wall clock on the CPU
+    (``warmup`` and ``repeats`` apply there)."""
     device = torch.device(device)
     if device.type == "cuda":
         import triton.testing
@@ -94,7 +99,7 @@ def pick_device(requested: str | None) -> torch.device:
 
 
 # Ceilings measured on the lent GPUs (shared/spec/performance.md): dense bf16/fp16 matmul TFLOP/s, copy
-# TB/s, and Hopper's special-function (exp) rate in T/s.
+# TB/s, and Hopper's special-function (exp) rate in T/s (the "texps" column is the achieved rate).
 DEVICE_CEILINGS = {
     "H100": {"tflops": 800.0, "tbps": 3.0, "texps": 3.9},
     "H200": {"tflops": 790.0, "tbps": 4.3, "texps": 3.9},
@@ -131,25 +136,48 @@ def rotating(input_sets: list) -> Callable[[], object]:
     return next_inputs
 
 
+# Timing repeats on the CPU (after the untimed first call): --tiny runs the Triton kernels through the
+# interpreter, up to seconds per call, and checks that the run works rather than timing it.
+CPU_REPEATS = 20
+TINY_REPEATS = 1
+
+
 def kernel_bench_args(description: str, default_out: str) -> argparse.Namespace:
-    """The command line every kernel benchmark takes: --quick, --out, --device, --dtype."""
+    """The command line every kernel benchmark takes: --quick, --tiny, --compile-ref, --out, --device, --dtype.
+    Output is line-buffered, so that a benchmark killed at its time limit has printed what it measured."""
+    sys.stdout.reconfigure(line_buffering=True)
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true",
-                        help="reduced shapes; on a machine without CUDA only the PyTorch providers run")
-    parser.add_argument("--out", default=str(RESULTS_DIR / default_out), help="CSV to append rows to")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true",
+                       help="reduced shapes; on a machine without CUDA only the PyTorch providers run")
+    sizes.add_argument("--tiny", action="store_true",
+                       help="shapes small enough for the Triton interpreter (the GPU run's CPU dry run); with "
+                            "TRITON_INTERPRET=1 the Triton providers run on the CPU too")
+    parser.add_argument("--compile-ref", action="store_true",
+                        help="also time torch.compile of the PyTorch reference (a cold compile per shape and variant)")
+    parser.add_argument("--out", default=str(RESULTS_DIR / default_out), help="CSV to append rows to (per shape)")
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
                         help="input dtype (default: float16 on CUDA, float32 on the CPU)")
     args = parser.parse_args()
     args.device = pick_device(args.device)
-    if args.device.type != "cuda" and not args.quick:
+    if args.device.type != "cuda" and not (args.quick or args.tiny):
         raise SystemExit(
             f"{parser.prog}: no CUDA device, and the Triton kernels and the SDXL shapes need one. Run with --quick "
-            "to time the PyTorch providers at a reduced size on the CPU."
+            "to time the PyTorch providers at a reduced size on the CPU (or --tiny under TRITON_INTERPRET=1)."
         )
     default_dtype = "float16" if args.device.type == "cuda" else "float32"
     args.dtype = getattr(torch, args.dtype or default_dtype)
+    args.repeats = TINY_REPEATS if args.tiny else CPU_REPEATS
+    # The Triton providers: on CUDA, and on the CPU through the interpreter at --tiny shapes only (the GPU
+    # run's dry run; at SDXL or --quick shapes an interpreted kernel takes minutes).
+    args.triton = args.device.type == "cuda" or (args.tiny and triton_interpreter_on())
     return args
+
+
+def bench_shapes(args: argparse.Namespace, shapes: dict, quick: dict, tiny: dict) -> dict:
+    """The shapes this run times: SDXL's, or the --quick / --tiny stand-ins."""
+    return tiny if args.tiny else quick if args.quick else shapes
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -169,29 +197,32 @@ def time_providers(
     bytes_moved: float = 0.0,
     exps: float = 0.0,
     phases: list[dict] | None = None,
+    repeats: int = CPU_REPEATS,
     **columns,
 ) -> list[dict]:
     """Time each provider and return one CSV row each: ``columns`` (op, shape, ...), ms with quartiles,
-    achieved TFLOP/s and GB/s of the op's own work (``flops``, ``bytes_moved``: the same for every
-    provider, so the numbers compare), its floor and the percentage of the floor reached. ``phases``
-    (dicts of flops/bytes_moved/exps) describes work done one phase after another: the floor is then
-    the sum of the phases' floors. The first call runs outside the timing (torch.compile and Triton
-    autotuning happen there). A provider that fails (out of memory, a compiler error) gets a row with
-    the error instead of stopping the run."""
+    achieved TFLOP/s, GB/s and T exps/s of the op's own work (``flops``, ``bytes_moved``, ``exps``: the same
+    for every provider, so the numbers compare), its floor and the percentage of the floor reached.
+    ``phases`` (dicts of flops/bytes_moved/exps) describes work done one phase after another instead: the
+    work is then the phases' sum and the floor the sum of the phases' floors. The first call runs outside
+    the timing (torch.compile and Triton autotuning happen there). A provider that fails (out of memory, a
+    compiler error) gets a row with the error instead of stopping the run. Each provider's time is printed
+    as soon as it exists; ``repeats`` applies on the CPU."""
     ceilings = device_ceilings(device)
     if phases is None:
         floor = floor_ms(ceilings, flops, bytes_moved, exps)
     else:
         floor = None if ceilings is None else sum(floor_ms(ceilings, **phase) for phase in phases)
+        flops, bytes_moved, exps = (sum(phase.get(key, 0.0) for phase in phases) for key in ("flops", "bytes_moved", "exps"))
     rows = []
     for provider, fn in providers.items():
         row = {**columns, "provider": provider, "ms": None, "ms_q20": None, "ms_q80": None, "tflops": None,
-               "gbps": None, "floor_ms": floor, "pct_of_floor": None, "error": ""}
+               "gbps": None, "texps": None, "floor_ms": floor, "pct_of_floor": None, "error": ""}
         try:
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            row.update(time_ms(fn, device))
+            row.update(time_ms(fn, device, warmup=min(3, repeats - 1), repeats=repeats))
         except Exception as exc:  # noqa: BLE001 - reported in the row, the other providers still run
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
             print(f"  {provider}: {row['error']}")
@@ -199,7 +230,10 @@ def time_providers(
             seconds = row["ms"] / 1e3
             row["tflops"] = flops / seconds / 1e12 if flops else None
             row["gbps"] = bytes_moved / seconds / 1e9 if bytes_moved else None
+            row["texps"] = exps / seconds / 1e12 if exps else None
             row["pct_of_floor"] = 100.0 * floor / row["ms"] if floor else None
+            floor_note = f", {row['pct_of_floor']:.0f}% of floor" if row["pct_of_floor"] else ""
+            print(f"  {provider}: {row['ms']:.4g} ms{floor_note}")
         rows.append({**row, **environment_info(device)})
     return rows
 

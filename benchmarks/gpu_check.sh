@@ -1,37 +1,12 @@
 #!/usr/bin/env bash
-# The one prepared GPU run: the kernel tests on CUDA, then every kernel benchmark and the per-block
-# pipeline at SDXL's shapes, all results in one folder with a SUMMARY.md. Bounded by its timeouts
-# (110 s of tests, 6 x 55 s of benchmarks) to stay under 8 minutes.
+# The command a session gives the device tool: the one budgeted GPU run (benchmarks/gpu_run.py), with the
+# wheelhouse in .whl/ (benchmarks/wheelhouse.sh) installed by its first step. Results: results.md,
+# results.csv and a tarball of every CSV and log at the top of $OUT (else benchmarks/results/gpu).
 #
-#   bash benchmarks/gpu_check.sh [OUTPUT_ROOT]     (default: $OUT, else benchmarks/results)
+#   ATEDM_GIT_SHA=<sha> bash benchmarks/gpu_check.sh [gpu_run options, e.g. --compile]
 #
-# The GPU machine has no diffusers: the kernel tests and benchmarks import only atedm_kernels.
+# Device tool: run(command="ATEDM_GIT_SHA=<sha> bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=420)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export TRITON_INTERPRET=0  # compiled kernels on the GPU (the tests' conftest defaults it to 1)
-
-if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: no CUDA device here; this script times the Triton kernels on a GPU." >&2
-  echo "gpu_check: on the CPU run the tests (python -m pytest -q) or a benchmark with --quick." >&2
-  exit 2
-fi
-
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
-dir="${1:-${OUT:-benchmarks/results}}/${gpu}-$(date +%Y%m%d-%H%M)"
-mkdir -p "$dir"
-python -c "import torch, triton; print(torch.cuda.get_device_name(0), 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$dir/machine.txt"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$dir/machine.txt" 2>/dev/null
-
-status=0
-timeout 110 python -m pytest -q -p no:cacheprovider \
-  tests/test_attention_lse.py tests/test_attention_map.py tests/test_gwpr.py \
-  tests/test_topk_gather.py tests/test_recovery.py tests/test_prune_plan.py 2>&1 | tail -n 40 | tee "$dir/tests.txt" || status=1
-
-for op in attention_lse attention_map gwpr topk_gather recovery prune_plan; do
-  echo "== bench_$op" | tee -a "$dir/benchmarks.txt"
-  timeout 55 python -m benchmarks.bench_$op --out "$dir/$op.csv" 2>&1 | tee -a "$dir/benchmarks.txt" || status=1
-done
-python -m benchmarks.summarize "$dir" > "$dir/SUMMARY.md"
-echo "results in $dir (exit $status)"
-exit $status
+export PYTHONUNBUFFERED=1
+exec python3 -m benchmarks.gpu_run --wheelhouse .whl "$@"
