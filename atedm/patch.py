@@ -237,9 +237,9 @@ def _check_input_devices(unet: UNet2DConditionModel, args: tuple, kwargs: dict) 
         raise ValueError(f"AT-EDM: the UNet's inputs and weights must be on one device; got {listing}")
 
 
-def _install(unet: UNet2DConditionModel, state: ATEDMState) -> list:
-    """Register every hook and processor; returns undo actions (run in reverse to remove)."""
-    undo = []
+def _install(unet: UNet2DConditionModel, state: ATEDMState, undo: list) -> None:
+    """Register every hook and processor, appending each one's undo action to ``undo`` as soon as it is
+    in place, so that a failure halfway leaves the caller a complete list to roll back."""
     backend = state.config.backend
 
     def unet_pre_hook(module, args, kwargs):
@@ -305,7 +305,6 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> list:
             return full
 
         undo.append(module.transformer_blocks[-1].register_forward_hook(recover_hook).remove)
-    return undo
 
 
 def _cut_after_self_attention_hook(state: ATEDMState, block: BlockState):
@@ -368,9 +367,9 @@ def apply(pipe_or_unet, config: ATEDMConfig | str | None = None, **overrides):
     state.pipeline = pipe
     scheduler_config = getattr(getattr(pipe, "scheduler", None), "config", None)
     state.num_train_timesteps = int(getattr(scheduler_config, "num_train_timesteps", 1000) or 1000)
-    undo = []
+    undo: list = []
     try:
-        undo = _install(unet, state)
+        _install(unet, state, undo)
     except BaseException:
         for action in reversed(undo):
             action()

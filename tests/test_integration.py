@@ -298,3 +298,39 @@ def test_cpu_one_pass_route_matches_the_two_pass_route(unet, monkeypatch):
     assert len(routes) <= 11 and len(kept) == 11
     assert all(torch.equal(a, b) for a, b in zip(one_pass_kept, kept))
     torch.testing.assert_close(one_pass, two_pass, atol=1e-4, rtol=1e-3)
+
+
+def test_a_failed_apply_rolls_back_every_hook_and_processor(unet, monkeypatch):
+    """apply's promise "on any error the model is left as it was": the third processor installation
+    raises, and nothing of atedm stays behind (hooks, processors, state), so outputs stay bit-identical."""
+    from diffusers.models.attention_processor import Attention
+
+    from atedm.patch import PruningSelfAttnProcessor
+
+    inputs = unet_inputs(batch=2)
+    before = run_unet(unet, inputs)
+    processors = {name: type(proc) for name, proc in unet.attn_processors.items()}
+
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules())
+
+    hooks_before = hooks()
+    original_set_processor = Attention.set_processor
+    installed = []
+
+    def third_fails(self, processor):
+        if isinstance(processor, PruningSelfAttnProcessor):
+            installed.append(processor)
+            if len(installed) == 3:
+                raise RuntimeError("injected: third processor installation fails")
+        return original_set_processor(self, processor)
+
+    monkeypatch.setattr(Attention, "set_processor", third_fails)
+    with pytest.raises(RuntimeError, match="third processor"):
+        atedm.apply(unet, prune_ratio=0.63, dsap_fraction=0.0)
+    monkeypatch.setattr(Attention, "set_processor", original_set_processor)
+    assert len(installed) == 3  # two were in place when the third failed
+    assert atedm.get_state(unet) is None
+    assert {name: type(proc) for name, proc in unet.attn_processors.items()} == processors
+    assert hooks() == hooks_before
+    assert torch.equal(run_unet(unet, inputs), before)
