@@ -502,9 +502,9 @@ _COLUMNS = ("kernel", "config", "not_divisible", "dtype", "shape", "arch", "regi
 def _environment(archs, command: str) -> dict:
     import triton
 
-    from benchmarks.common import environment_info
+    from .selfcheck import environment_info
 
-    return {**environment_info(), "triton": triton.__version__, "command": command,
+    return {**environment_info("cpu"), "triton": triton.__version__, "command": command,
             "ptxas": {f"sm_{arch}": version for arch, version in ptxas_versions(archs).items()}}
 
 

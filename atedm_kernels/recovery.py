@@ -338,21 +338,23 @@ def _match_key_cosine_kernel(
     tl.store(src_ptr + image * stride_src_b + rows * stride_src_n, best_rank.to(tl.int64), mask=row_ok)
 
 
-def _match_blocks(reads_map: bool, element_size: int) -> tuple[int, int, int]:
+def _match_blocks(reads_map: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps) of the match kernels.
 
-    Chosen from ptxas -v on offline sm_90 builds at SDXL level-2 shapes, as the largest tiles with no
-    register spills: a map scan gathers 32 x 128 entries per step at 8 warps (at 4 warps the 64-bit
-    pointers of the forward gather take 230 registers) and B * N / 32 = 256 programs cover the SMs at
-    level 2; dot tiles (recompute, cosine) are 64 x 64 at 8 warps for 16-bit inputs, and 32 x 64 for fp32
-    inputs, whose exact (non-tf32) dot is FMA-based and spills at 64 x 64. The interpreter pays per step,
-    so it takes wider tiles.
+    Chosen from ptxas -v on offline sm_80 and sm_90 builds at SDXL's shapes (``atedm_kernels.aot``,
+    docs/aot_compile.md), as the largest tiles with no register spills: a map scan gathers 32 x 128
+    entries per step at 8 warps (at 4 warps the 64-bit pointers of the forward gather take 230 registers)
+    and B * N / 32 = 256 programs cover the SMs at level 2; dot tiles (recompute, cosine) are 32 x 64 at 8
+    warps: 64 x 64 spilled 16 bytes on sm_80 for the transposed recompute rule (triton 3.9), and 32 rows
+    also double the programs of the 2048 px recompute path. fp32 inputs (whose exact dot is FMA-based) run
+    these kernels only under the interpreter (see ``_dispatch``). The interpreter pays per step, so it
+    takes wider tiles.
     """
     if triton_interpreter_on():
         return 64, 256 if reads_map else 128, 4
     if reads_map:
         return 32, 128, 8
-    return (64 if element_size <= 2 else 32), 64, 8
+    return 32, 64, 8
 
 
 def _recovery_source_into(
@@ -371,20 +373,20 @@ def _recovery_source_into(
     flags = dict(USE_FORWARD=rule in _READS_FORWARD, USE_BACKWARD=rule in _READS_BACKWARD)
     index_args = (*keep_idx.stride(), *src.stride(), num_tokens, num_kept)
     if rule == "key_cosine":
-        block_m, block_k, num_warps = _match_blocks(False, keys.element_size())
+        block_m, block_k, num_warps = _match_blocks(False)
         _match_key_cosine_kernel[(triton.cdiv(num_tokens, block_m), batch)](
             keys, keep_idx, src, *keys.stride(), *index_args, keys.shape[1], keys.shape[3],
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=head_dim_block(keys.shape[3]), num_warps=num_warps,
         )
     elif attention_map is not None:
-        block_m, block_k, num_warps = _match_blocks(True, attention_map.element_size())
+        block_m, block_k, num_warps = _match_blocks(True)
         _match_from_map_kernel[(triton.cdiv(num_tokens, block_m), batch)](
             attention_map, keep_idx, src, *attention_map.stride(), *index_args,
             **flags, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
         )
     else:
         head_dim = queries.shape[3]
-        block_m, block_k, num_warps = _match_blocks(False, queries.element_size())
+        block_m, block_k, num_warps = _match_blocks(False)
         _match_from_qk_kernel[(triton.cdiv(num_tokens, block_m), batch)](
             queries, keys, lse, keep_idx, src, *queries.stride(), *keys.stride(), *lse.stride(), *index_args,
             queries.shape[1], head_dim, head_dim**-0.5 if scale is None else scale,

@@ -199,7 +199,7 @@ def test_match_kernels_at_sdxl_level3_width():
 def test_match_kernels_with_small_tiles(monkeypatch):
     # The interpreter's wide tiles hold all kept columns of these shapes at once; 16 x 16 tiles exercise
     # the running argmax across kept tiles (first maximum wins across a tile boundary) and many row blocks.
-    monkeypatch.setattr(recovery, "_match_blocks", lambda reads_map, element_size: (16, 16, 4))
+    monkeypatch.setattr(recovery, "_match_blocks", lambda reads_map: (16, 16, 4))
     keep = random_keep(2, 90, 40)
     tied_map = torch.randint(0, 3, (2, 90, 90), device=DEVICE).half()
     for rule in MAP_RULES:
