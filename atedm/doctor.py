@@ -208,12 +208,15 @@ def _peak_memory_note(unet, inputs: dict, device: torch.device) -> str:
 
 
 def step_rows(args, settings: Settings) -> Iterator[dict]:
-    from .flops import example_inputs, flops_per_step
-    from .patch import apply, remove, set_phase
-
-    preset = get_preset(STEP_PRESET).replace(backend=args.backend)
     shape = f"{STEP_BATCH}x{settings.resolution}px"
     first = selfcheck.dtype_name(settings.dtypes[0])
+    try:  # the only section that needs diffusers
+        from .flops import example_inputs, flops_per_step
+        from .patch import apply, remove, set_phase
+    except ImportError as exc:
+        yield row("step", "build", first, shape, f"skipped: {exc}")
+        return
+    preset = get_preset(STEP_PRESET).replace(backend=args.backend)
     start = time.perf_counter()
     try:
         unet, unet_config, source = _load_unet(args, settings, settings.dtypes[0])
