@@ -83,7 +83,8 @@ class Row:
     times: dict = field(default_factory=dict)
 
 
-def parse_rows(text: str, backend: str, steps: int) -> list[Row]:
+def parse_rows(text: str, backend: str, steps: int = 50) -> list[Row]:
+    """Rows from their names; ``steps`` (the schedule DSAP averages over) sets each AT-EDM row's early steps."""
     rows = []
     for name in (part.strip() for part in text.split(",") if part.strip()):
         if name == "full":
@@ -108,7 +109,7 @@ def parse_rows(text: str, backend: str, steps: int) -> list[Row]:
     return rows
 
 
-def count_flops(unet_config: dict, row: Row, height: int, width: int, steps: int) -> dict:
+def counted_flops(unet_config: dict, row: Row, height: int, width: int, steps: int) -> dict:
     """Counted TFLOPs/step of one image for a row (in a worker process); a matched ToMe row's ratio is
     solved first, falling back to ToMe's highest ratio when even that leaves more FLOPs than the target."""
     if row.kind != "tomesd":
@@ -140,19 +141,26 @@ def start_flops_counts(unet_config: dict, rows: list[Row], height: int, width: i
                                initargs=(1,))
     # Longest first: a matched ToMe row's ratio solve counts about ten times.
     for same in sorted(jobs.values(), key=lambda same: same[0].kind != "tomesd"):
-        future = pool.submit(count_flops, unet_config, replace(same[0], counted=None), height, width, steps)
+        future = pool.submit(counted_flops, unet_config, replace(same[0], counted=None), height, width, steps)
         for row in same:
             row.counted = future
     return pool
 
 
-def resolve_count(row: Row) -> None:
-    """Wait for the row's FLOPs count (and a matched ToMe row's ratio)."""
-    if row.tflops is not None:
-        return
-    result = row.counted.result()
+def fill_count(row: Row, result: dict) -> None:
     row.tflops, row.overhead_tflops = result["tflops"], result.get("overhead_tflops")
     row.tome, row.note = result.get("tome", row.tome), result.get("note", "")
+
+
+def count_flops(unet_config: dict, row: Row, height: int, width: int, steps: int) -> None:
+    """Count the row's FLOPs here and now (a benchmark without worker processes)."""
+    fill_count(row, counted_flops(unet_config, row, height, width, steps))
+
+
+def resolve_count(row: Row) -> None:
+    """Wait for the row's FLOPs count (and a matched ToMe row's ratio)."""
+    if row.tflops is None:
+        fill_count(row, row.counted.result())
 
 
 def configure(unet, row: Row) -> None:

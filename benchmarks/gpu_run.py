@@ -43,12 +43,13 @@ benchmarks/wheelhouse.sh`` (fills the git-ignored ``.whl/``). Then one call::
         carry=[".whl"], timeout_s=420)
 
 (the working tree travels without ``.git``, hence the SHA in the environment). The run takes at most
-``sum(STEP_BUDGETS_S)`` = 310 s plus start-up; with ``--compile`` up to ``COMPILE_EXTRA_BUDGET_S`` more.
+``sum(STEP_BUDGETS_S)`` = 315 s plus start-up; with ``--compile`` up to ``COMPILE_EXTRA_BUDGET_S`` more.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import signal
@@ -70,9 +71,9 @@ STEP_ORDER = ("environment", "checks", "headline", "kernels")
 
 # Wall-clock budgets on a cold H100/H200, in seconds (the whole run must end within 6 minutes):
 STEP_BUDGETS_S = {
-    # pip unpacking three pure-Python wheels (~3 s), then one process importing torch, triton, diffusers and
-    # tomesd and creating a CUDA context (~8 s).
-    "environment": 20,
+    # pip unpacking three pure-Python wheels (~3 s), then one process importing torch, triton, diffusers (which
+    # pulls peft and transformers where they are installed) and tomesd and creating a CUDA context (~10 s).
+    "environment": 25,
     # The issue's limit for the fp16 and bf16 correctness checks at SDXL's shapes, compiles included.
     "checks": 60,
     # Imports and the UNet built on the GPU (~10 s); Triton autotuning and compiles of the c/dagger kernels
@@ -94,9 +95,10 @@ COMPILE_EXTRA_BUDGET_S = 240
 COMPILE_REF_EXTRA_BUDGET_S = 120
 # The headline benchmark plans its compiled rows to end this long before its process is killed.
 HEADLINE_EXIT_MARGIN_S = 10
-# Kernel benchmarks, most valuable first: the lse providers against SDPA pick the default; the whole
-# per-block pipeline next; then the ops one by one.
-KERNEL_BENCHMARKS = ("attention_lse", "prune_plan", "attention_map", "gwpr", "recovery", "topk_gather")
+# Kernel benchmarks, most valuable first (the lse providers against SDPA pick the default; then the whole
+# per-block pipeline), except that the cheap top-k/gather one runs before the heavy ones, so that the
+# time it leaves unused goes to them; G-WPR, with 6 variants per shape, last.
+KERNEL_BENCHMARKS = ("attention_lse", "prune_plan", "topk_gather", "attention_map", "recovery", "gwpr")
 LOG_TAIL_LINES = 40
 
 
@@ -224,10 +226,12 @@ def run_command(argv: list[str], env: dict, timeout_s: float, log_path: Path, pr
             returncode = child.wait(timeout=max(timeout_s, 0.0))
             status = "ok" if returncode == 0 else f"failed (rc {returncode})"
         except subprocess.TimeoutExpired:
-            # The whole group: FLOPs-count workers, compile workers and pip's children go with the step.
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
             status = "timed out"
+        # The whole group, also after a normal exit: FLOPs-count and compile workers, pip's children, anything
+        # left holding GPU memory or the log pipe goes with the command.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
         pump.join(timeout=5)
         seconds = time.monotonic() - start
         log.write(f"--- {status} after {seconds:.1f} s\n")
