@@ -215,13 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="self-check: kernels vs references, block and step timings")
     doctor.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when present, else cpu")
     doctor.add_argument("--dtypes", help="comma-separated; default float16,bfloat16 on CUDA, one CPU dtype")
-    doctor.add_argument("--resolution", type=int, help="image size in px; default 1024 on CUDA, 512 on the CPU")
+    doctor.add_argument("--resolution", type=int, help="image size in px; default 1024 on CUDA, 256 on the CPU")
     doctor.add_argument("--sections", default="checks,block,step", help="any of checks,block,step")
     doctor.add_argument("--model", help="a local diffusers UNet folder, or a pipeline folder with unet/")
     doctor.add_argument("--unet-config", help="UNet config JSON for random weights (default: SDXL-base, shipped)")
     doctor.add_argument("--tiny", action="store_true", help="tiny shapes and the tests' tiny UNet (dry run)")
     doctor.add_argument("--csv", help="CSV to append every row to, with device, versions and git SHA")
-    doctor.add_argument("--repeats", type=int, default=3, help="interleaved UNet step rounds after one warm-up")
+    doctor.add_argument("--repeats", type=int,
+                        help="interleaved UNet step rounds after one warm-up; default 3 on CUDA, 1 on the CPU")
     doctor.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     doctor.add_argument("--seed", type=int, help="seed of the random inputs (default: fresh, printed)")
     return parser
