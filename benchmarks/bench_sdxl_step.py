@@ -198,6 +198,11 @@ def time_step(unet, inputs, device, phase) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def quantile(index: int):
+    """Picks the 20% (index 0) or 80% (index -1) quantile of a row's samples."""
+    return lambda samples: statistics.quantiles(samples, n=5)[index] if len(samples) > 1 else samples[0]
+
+
 def step_ms(row: Row, steps: int, pick=statistics.median) -> float:
     """A step's time averaged over the schedule with the same weights as the row's FLOPs."""
     late = pick(row.times[row.phases[0]])
@@ -350,7 +355,9 @@ def compile_within_budget(model, unet, rows: list[Row], inputs, device, args, de
         start = time.monotonic()
         configure(unet, row)
         for phase in row.phases:
-            time_step(model, inputs, device, phase)
+            if phase is not None:
+                atedm.set_phase(unet, phase)
+            time_step(model, inputs, device, None)
         seconds_per_graph = (time.monotonic() - start) / graphs
         print(f"  {row.name}: compiled in {seconds_per_graph:.1f} s per graph", file=sys.stderr)
         compiled.append(row)
@@ -378,7 +385,6 @@ def measured_record(row: Row, full: Row, mode: str, batch: int, dtype, unet, inp
     resolve_count(full)
     configure(unet, row)
     ms, full_ms = step_ms(row, args.steps), step_ms(full, args.steps)
-    quantile = lambda index: lambda xs: statistics.quantiles(xs, n=5)[index] if len(xs) > 1 else xs[0]  # noqa: E731
     measured = {"ms_per_step": ms, "ms_q20": step_ms(row, args.steps, quantile(0)),
                 "ms_q80": step_ms(row, args.steps, quantile(-1)), "speedup": full_ms / ms,
                 "eta": full_ms / ms * row.tflops / full.tflops}

@@ -61,8 +61,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from io import StringIO
 from pathlib import Path
 from typing import Callable
+
+from benchmarks.summarize import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_GPU = ROOT / "benchmarks" / "results" / "gpu"
@@ -147,8 +150,13 @@ class RunRecord:
         if not mine:
             return "not run", 0.0
         bad = [outcome.status for outcome in mine if outcome.status != "ok"]
-        return (bad[0] if len(mine) == 1 and bad else f"{len(bad)} of {len(mine)} not ok" if bad else "ok",
-                sum(outcome.seconds for outcome in mine))
+        if not bad:
+            status = "ok"
+        elif len(mine) == 1:
+            status = bad[0]
+        else:
+            status = f"{len(bad)} of {len(mine)} not ok"
+        return status, sum(outcome.seconds for outcome in mine)
 
     def summary(self) -> str:
         lines = [f"# {self.title}", "", *self.notes, "", "| step | status | seconds | budget s |", "|---|---|---|---|"]
@@ -164,8 +172,6 @@ class RunRecord:
 
     def write_results(self) -> None:
         """results.md, results.csv and the tarball at the top of the output folder."""
-        from benchmarks.summarize import summarize
-
         tails = []
         for outcome in self.outcomes:
             if outcome.status != "ok":
@@ -195,8 +201,6 @@ def combined_csv(run_dir: Path) -> str:
             for row in csv.DictReader(handle):
                 rows.append({"source": path.stem, **row})
                 columns += [column for column in row if column not in columns]
-    from io import StringIO
-
     buffer = StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
