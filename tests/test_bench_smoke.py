@@ -1,11 +1,15 @@
 """The end-to-end benchmarks run (tiny UNet, tiny size): every kind of row and the overhead breakdown."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The benchmarks run for their rows, not their speed: one thread each, since OpenMP threads spinning for
+# cores that a busy machine does not have made the tiny UNet's steps up to 30x slower.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_bench_sdxl_step_runs_every_kind_of_row(tmp_path):
@@ -15,7 +19,7 @@ def test_bench_sdxl_step_runs_every_kind_of_row(tmp_path):
         [sys.executable, "-m", "benchmarks.bench_sdxl_step", "--tiny", "--height", "64", "--width", "64",
          "--repeats", "1", "--configs", "full,c,dagger,c-ref,tomesd-0.5", "--compile", "--time-budget", "1",
          "--out", str(out)],
-        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=ONE_THREAD, check=True, capture_output=True, text=True, timeout=600,
     )
     rows = list(csv.DictReader(out.open()))
     configs = ["full", "c", "dagger", "c-ref", "tomesd-0.5"]
@@ -37,7 +41,7 @@ def test_bench_generation_runs_a_whole_denoising_loop(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_generation", "--tiny", "--height", "64", "--width", "64",
          "--steps", "4", "--repeats", "1", "--configs", "full,c,tomesd-0.5", "--out", str(out)],
-        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=ONE_THREAD, check=True, capture_output=True, text=True, timeout=600,
     )
     rows = list(csv.DictReader(out.open()))
     assert [(row["config"], row["steps"]) for row in rows] == [("full", "4"), ("c", "4"), ("tomesd-0.5", "4")]
@@ -49,7 +53,7 @@ def test_bench_cpu_pruning_layer_times_every_route(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_cpu_pruning_layer", "--sizes", "128", "--repeats", "1",
          "--dtype", "float32", "--out", str(out)],
-        cwd=ROOT, check=True, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=ONE_THREAD, check=True, capture_output=True, text=True, timeout=600,
     )
     rows = list(csv.DictReader(out.open()))
     assert [(row["level"], row["route"]) for row in rows] == [
