@@ -128,10 +128,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 # --- environment -----------------------------------------------------------------------------------
 
 def git_sha() -> str:
-    """Short SHA of the checkout this package runs from, or "not a checkout" (an installed package)."""
+    """Short SHA of the checkout this package runs from; ``ATEDM_GIT_SHA`` where the tree travelled without
+    its .git (the GPU machine gets a copy of the working tree only); else "not a checkout"."""
     root = Path(__file__).resolve().parents[1]
     if not (root / ".git").exists():
-        return "not a checkout"
+        return os.environ.get("ATEDM_GIT_SHA", "not a checkout")
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True, timeout=10)

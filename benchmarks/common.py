@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,42 +16,16 @@ from typing import Callable
 
 import torch
 
+from atedm_kernels import selfcheck
 from atedm_kernels._dispatch import triton_interpreter_on
+from atedm_kernels.selfcheck import git_sha  # noqa: F401 - the benchmarks' stamp is the doctor's
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def git_sha() -> str:
-    """The checkout's short commit; ``ATEDM_GIT_SHA`` where the tree travelled without its .git (the GPU
-    machine gets a copy of the working tree only)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip()
-    except Exception:
-        return os.environ.get("ATEDM_GIT_SHA", "unknown")
-
-
 def environment_info(device: torch.device | str | None = None) -> dict:
-    """Machine, accelerator and versions, as CSV columns."""
-    device = torch.device(device) if device is not None else None
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = "none"
-    if device is not None and device.type == "cuda":
-        accelerator = torch.cuda.get_device_name(device)
-    else:
-        accelerator = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    return {
-        "device": accelerator,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "git_sha": git_sha(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
-    }
+    """Machine, accelerator, versions and git SHA, as CSV columns (the doctor's stamp: one definition)."""
+    return selfcheck.environment_info(device if device is not None else "cpu")
 
 
 def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 3, repeats: int = 20) -> dict:
