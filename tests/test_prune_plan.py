@@ -17,9 +17,17 @@ def qk_lse(batch=2, heads=2, n=96, d=16):
 @pytest.mark.parametrize("similarity", ["attention", "attention_transposed", "symmetric", "key_cosine"])
 def test_recompute_path_matches_the_map_path(monkeypatch, similarity):
     q, k, lse = qk_lse()
+    maps_built = []
+    build_map = prune_plan.head_mean_attention_map
+    monkeypatch.setattr(prune_plan, "head_mean_attention_map",
+                        lambda *args, **kwargs: maps_built.append(1) or build_map(*args, **kwargs))
+    # Each path forced, and proven taken: at these shapes the heuristic alone would pick the same one twice.
+    monkeypatch.setattr(prune_plan, "materialize_attention_map", lambda *args: True)
     with_map = plan_token_pruning(q, k, lse, 30, iterations=2, similarity=similarity, backend="torch")
+    assert maps_built == [1]
     monkeypatch.setattr(prune_plan, "materialize_attention_map", lambda *args: False)
     without_map = plan_token_pruning(q, k, lse, 30, iterations=2, similarity=similarity, backend="torch")
+    assert maps_built == [1]
     assert torch.equal(with_map[0], without_map[0])
     assert (with_map[1] == without_map[1]).float().mean() > 0.99  # argmax near-ties may flip in fp32
 
