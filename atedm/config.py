@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from atedm_kernels import BACKENDS, CFG_MASK_MODES, HEAD_REDUCTIONS, SIMILARITY_RULES
 from atedm_kernels.prune_plan import RANKINGS
 
+from . import dsap
+
 PRUNE_MODES = ("once", "every_layer")
 # Where in a block the tokens are cut: after the first transformer layer (the paper's, for SDXL's deep
 # blocks) or right after the first layer's self-attention, so that its cross-attention and feed-forward
@@ -19,17 +21,6 @@ PRUNE_POINTS = ("first_layer", "first_self_attention")
 # How a pruned token is refilled before the convolutions: the paper copies its match's output ("copy");
 # "delta" keeps the token's own state from the cut and adds the change its match went through since.
 RECOVERY_MODES = ("copy", "delta")
-
-# The published early-phase list for SDXL: the first attention block of each down stage and the last of
-# each up stage stay unpruned while the attention maps are still noisy. ``dsap_blocks=None`` applies the
-# same rule to whatever UNet is patched (``dsap_block_names``), which gives exactly these four on SDXL.
-SDXL_DSAP_BLOCKS = (
-    "down_blocks.1.attentions.0",
-    "down_blocks.2.attentions.0",
-    "up_blocks.0.attentions.2",
-    "up_blocks.1.attentions.2",
-)
-
 
 @dataclass(frozen=True)
 class ATEDMConfig:
@@ -71,7 +62,7 @@ class ATEDMConfig:
         dsap_fraction: the share of denoising steps that form DSAP's early phase (0 disables DSAP).
         dsap_blocks: attention blocks (module names inside the UNet) that prune less in the early phase;
             ``None`` (default) takes the published rule: the first attention block of every down stage
-            and the last of every up stage (on SDXL: ``SDXL_DSAP_BLOCKS``).
+            and the last of every up stage (on SDXL: ``atedm.dsap.SDXL_DSAP_BLOCKS``).
         dsap_early_ratio: the prune ratio of ``dsap_blocks`` in the early phase; ``None`` leaves them
             unpruned, as published.
         backend: ``"auto"`` (Triton kernels on CUDA, PyTorch references elsewhere), ``"torch"`` or
@@ -112,17 +103,12 @@ class ATEDMConfig:
             raise ValueError("prune_after='first_self_attention' prunes once per block; it needs prune_mode='once' "
                              f"(got {self.prune_mode!r})")
         _check_choice("backend", self.backend, BACKENDS)
-        if isinstance(self.dsap_fraction, bool) or not isinstance(self.dsap_fraction, (int, float)) or not 0.0 <= self.dsap_fraction <= 1.0:
-            raise ValueError(f"dsap_fraction must be a number in [0, 1]; got {self.dsap_fraction!r}")
         if self.prune_levels is not None:
             levels = tuple(self.prune_levels)
             if not all(isinstance(level, int) and level >= 1 for level in levels):
                 raise ValueError(f"prune_levels must be None or positive ints (1 = full resolution); got {self.prune_levels!r}")
             object.__setattr__(self, "prune_levels", levels)
-        if self.dsap_blocks is not None:
-            if isinstance(self.dsap_blocks, str) or not all(isinstance(name, str) for name in self.dsap_blocks):
-                raise ValueError(f"dsap_blocks must be None or a sequence of module names; got {self.dsap_blocks!r}")
-            object.__setattr__(self, "dsap_blocks", tuple(self.dsap_blocks))
+        object.__setattr__(self, "dsap_blocks", dsap.check_switches(self.dsap_fraction, self.dsap_blocks))
 
     def replace(self, **overrides) -> "ATEDMConfig":
         """A copy with some fields changed; unknown field names raise a TypeError naming them."""
@@ -133,8 +119,8 @@ class ATEDMConfig:
         return dataclasses.replace(self, **overrides)
 
     def early_steps(self, num_steps: int) -> int:
-        """How many of ``num_steps`` UNet evaluations form the DSAP early phase (rounded to nearest)."""
-        return int(self.dsap_fraction * num_steps + 0.5)
+        """How many of ``num_steps`` UNet evaluations form the DSAP early phase (``atedm.dsap.early_steps``)."""
+        return dsap.early_steps(self.dsap_fraction, num_steps)
 
 
 def _check_ratio(name: str, value) -> None:

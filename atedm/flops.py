@@ -137,7 +137,7 @@ def flops_per_step(
     try:
         per_phase = {}
         for phase in ("early", "late"):
-            state.phase_override = phase
+            state.dsap.set_phase(phase)
             per_phase[phase] = _count(unet, inputs, state)
     finally:
         remove(unet)

@@ -12,7 +12,7 @@ extension points:
   cross-attention and feed-forward run on k tokens: the mode for SD 1.5/2.x's single-layer blocks);
 * a forward hook on the last layer rebuilds the full (B, N, C) stream by similarity-based copy, so the
   block's ``proj_out``, reshape and residual add see the whole grid again;
-* a forward pre-hook on the UNet sets the DSAP phase from the timestep it receives.
+* a forward pre-hook on the UNet sets the DSAP phase from the timestep it receives (``atedm.dsap``).
 
 ``remove`` restores the original processors and drops every hook: the UNet is then bit-identical to one
 that was never patched.
@@ -40,8 +40,9 @@ from atedm_kernels import (
 
 from .compat import check_diffusers_version
 from .config import ATEDMConfig
+from .dsap import DSAPState, install_phase_hook
 from .presets import resolve_config
-from .state import BlockState, ATEDMState
+from .state import ATEDMState, BlockState
 
 _STATE_ATTR = "_atedm_state"
 # Processors whose math is plain softmax attention, which PruningSelfAttnProcessor reproduces exactly.
@@ -143,12 +144,17 @@ def _block_level(name: str, unet: UNet2DConditionModel) -> int:
     return len(unet.down_blocks)  # the mid block sits at the deepest level
 
 
-def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig) -> dict[str, BlockState]:
-    attention_blocks = {
+def _attention_blocks(unet: UNet2DConditionModel) -> dict[str, Transformer2DModel]:
+    """Every spatial attention block of the UNet (a Transformer2DModel on a (B, C, H, W) input), by name."""
+    return {
         name: module
         for name, module in unet.named_modules()
         if isinstance(module, Transformer2DModel) and module.is_input_continuous
     }
+
+
+def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig) -> dict[str, BlockState]:
+    attention_blocks = _attention_blocks(unet)
     blocks = {}
     after_self_attention = config.prune_after == "first_self_attention"
     min_depth = 1 if after_self_attention else 2
@@ -183,10 +189,6 @@ def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig) -> dict[str, B
             f"transformer layer(s) (at prune_levels={config.prune_levels}); this UNet has "
             f"{ {n: len(m.transformer_blocks) for n, m in attention_blocks.items()} or 'none'}{hint}"
         )
-    if config.dsap_blocks is not None:
-        unknown = sorted(set(config.dsap_blocks) - set(attention_blocks))
-        if unknown and config.dsap_fraction > 0:
-            raise ValueError(f"dsap_blocks {unknown} are not attention blocks of this UNet; it has {sorted(attention_blocks)}")
     return blocks
 
 
@@ -207,18 +209,6 @@ def _check_cuttable_after_self_attention(name: str, layer: torch.nn.Module) -> N
         )
 
 
-def dsap_block_names(unet: UNet2DConditionModel) -> tuple[str, ...]:
-    """The published DSAP rule on any UNet: the first attention block of every down stage and the last
-    of every up stage (SDXL: down_blocks.1/2.attentions.0, up_blocks.0/1.attentions.2)."""
-    names = []
-    for stage_list, pick in (("down_blocks", 0), ("up_blocks", -1)):
-        for index, stage in enumerate(getattr(unet, stage_list)):
-            attentions = getattr(stage, "attentions", None)
-            if attentions:
-                names.append(f"{stage_list}.{index}.attentions.{len(attentions) - 1 if pick else 0}")
-    return tuple(names)
-
-
 def _check_input_devices(unet: UNet2DConditionModel, args: tuple, kwargs: dict) -> None:
     """Mixed devices would otherwise fail deep inside a convolution or, worse, inside a pruning kernel."""
     names = ("sample", "timestep", "encoder_hidden_states")
@@ -237,18 +227,16 @@ def _check_input_devices(unet: UNet2DConditionModel, args: tuple, kwargs: dict) 
         raise ValueError(f"AT-EDM: the UNet's inputs and weights must be on one device; got {listing}")
 
 
-def _install(unet: UNet2DConditionModel, state: ATEDMState, undo: list) -> None:
-    """Register every hook and processor, appending each one's undo action to ``undo`` as soon as it is
-    in place, so that a failure halfway leaves the caller a complete list to roll back."""
-    backend = state.config.backend
+def _install(unet: UNet2DConditionModel, state: ATEDMState) -> None:
+    """Register every hook and processor, appending each one's undo action to ``state.undo`` as soon as
+    it is in place, so that a failure halfway leaves ``apply`` a complete list to roll back."""
+    backend, undo = state.config.backend, state.undo
 
-    def unet_pre_hook(module, args, kwargs):
+    def device_check_hook(module, args, kwargs):
         _check_input_devices(module, args, kwargs)
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        state.phase = state.resolve_phase(timestep)
-        state.phase_calls[state.phase] += 1
 
-    undo.append(unet.register_forward_pre_hook(unet_pre_hook, with_kwargs=True).remove)
+    undo.append(unet.register_forward_pre_hook(device_check_hook, with_kwargs=True).remove)
+    undo.append(install_phase_hook(unet, state.dsap))
 
     for name, block in state.blocks.items():
         module = unet.get_submodule(name)
@@ -355,26 +343,24 @@ def apply(pipe_or_unet, config: ATEDMConfig | str | None = None, **overrides):
     current = getattr(unet, _STATE_ATTR, None)
     if current is not None and current.config == config:
         if pipe is not None:
-            current.pipeline = pipe
+            current.dsap.pipeline = pipe
         return pipe_or_unet
     if any(type(module).__name__ == "ToMeBlock" for module in unet.modules()):
         raise ValueError("this UNet is patched with tomesd; AT-EDM and ToMe both reduce tokens inside the same "
                          "blocks and cannot be combined. Call tomesd.remove_patch first.")
     blocks = _find_blocks(unet, config)
+    dsap = DSAPState.for_unet(unet, config, set(_attention_blocks(unet)), pipeline=pipe)
     if current is not None:
         remove(unet)
-    state = ATEDMState(config, blocks, dsap_blocks=config.dsap_blocks or dsap_block_names(unet))
-    state.pipeline = pipe
-    scheduler_config = getattr(getattr(pipe, "scheduler", None), "config", None)
-    state.num_train_timesteps = int(getattr(scheduler_config, "num_train_timesteps", 1000) or 1000)
-    undo: list = []
+    state = ATEDMState(config, blocks, dsap, undo=[])
     try:
-        _install(unet, state, undo)
+        _install(unet, state)
     except BaseException:
-        for action in reversed(undo):
-            action()
+        _undo_all(state)
+        if current is not None:  # put the previous patch back, as it was
+            _install(unet, current)
+            setattr(unet, _STATE_ATTR, current)
         raise
-    state._undo = undo
     setattr(unet, _STATE_ATTR, state)
     return pipe_or_unet
 
@@ -385,10 +371,15 @@ def remove(pipe_or_unet):
     state = getattr(unet, _STATE_ATTR, None)
     if state is None:
         return pipe_or_unet
-    for action in reversed(state._undo):
-        action()
+    _undo_all(state)
     delattr(unet, _STATE_ATTR)
     return pipe_or_unet
+
+
+def _undo_all(state: ATEDMState) -> None:
+    """Run the undo actions newest first and forget them, so the state could be installed again."""
+    while state.undo:
+        state.undo.pop()()
 
 
 def get_state(pipe_or_unet) -> ATEDMState | None:
@@ -409,12 +400,9 @@ def set_phase(pipe_or_unet, phase: str | None) -> None:
 
     Use it with a compiled UNet, where reading the timestep inside the model would break the graph.
     """
-    if phase is not None and phase not in ("early", "late"):
-        raise ValueError(f"phase must be 'early', 'late' or None; got {phase!r}")
-    _require_state(pipe_or_unet).phase_override = phase
+    _require_state(pipe_or_unet).dsap.set_phase(phase)
 
 
 def set_timesteps(pipe_or_unet, timesteps) -> None:
     """Give a bare UNet the schedule of the coming generation, so DSAP counts steps exactly."""
-    state = _require_state(pipe_or_unet)
-    state.timesteps = None if timesteps is None else torch.as_tensor(timesteps).detach().float().cpu().flatten()
+    _require_state(pipe_or_unet).dsap.set_timesteps(timesteps)

@@ -43,7 +43,7 @@ def test_phase_follows_the_pipeline_schedule(unet, scheduler_name, num_steps, fr
     atedm.apply(pipe, dsap_fraction=fraction)
     state = atedm.get_state(pipe)
     early = round(fraction * num_steps)
-    phases = [state.resolve_phase(t) for t in scheduler.timesteps]
+    phases = [state.dsap.resolve_phase(t) for t in scheduler.timesteps]
     assert phases == ["early"] * early + ["late"] * (num_steps - early)
 
 
@@ -72,22 +72,22 @@ def test_dsap_early_ratio_prunes_the_dsap_blocks_less(unet):
 
 
 def test_default_dsap_blocks_are_the_published_four_on_sdxl(unet):
-    from atedm.config import SDXL_DSAP_BLOCKS
+    from atedm.dsap import SDXL_DSAP_BLOCKS
 
     atedm.apply(unet)
-    assert atedm.get_state(unet).dsap_blocks == frozenset(SDXL_DSAP_BLOCKS) == frozenset(DSAP_BLOCKS)
+    assert atedm.get_state(unet).dsap.blocks == frozenset(SDXL_DSAP_BLOCKS) == frozenset(DSAP_BLOCKS)
 
 
 def test_bare_unet_uses_the_timestep_alone(unet):
     atedm.apply(unet, dsap_fraction=0.2)
     state = atedm.get_state(unet)
-    assert state.resolve_phase(torch.tensor(999)) == "early"
-    assert state.resolve_phase(torch.tensor([801.0, 801.0])) == "early"
-    assert state.resolve_phase(799) == "late"
+    assert state.dsap.resolve_phase(torch.tensor(999)) == "early"
+    assert state.dsap.resolve_phase(torch.tensor([801.0, 801.0])) == "early"
+    assert state.dsap.resolve_phase(799) == "late"
     atedm.set_timesteps(unet, torch.linspace(999, 0, 10))
-    assert [state.resolve_phase(t) for t in torch.linspace(999, 0, 10)] == ["early"] * 2 + ["late"] * 8
+    assert [state.dsap.resolve_phase(t) for t in torch.linspace(999, 0, 10)] == ["early"] * 2 + ["late"] * 8
     atedm.set_phase(unet, "early")
-    assert state.resolve_phase(0) == "early"
+    assert state.dsap.resolve_phase(0) == "early"
     with pytest.raises(ValueError, match="phase"):
         atedm.set_phase(unet, "middle")
 
@@ -102,3 +102,41 @@ def test_new_generation_starts_clean_after_an_interrupted_one(unet):
     assert torch.equal(run_unet(unet, inputs), expected)
     atedm.get_state(unet).reset()
     assert atedm.get_state(unet).pruned_calls == 0
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4, 8, 10, 25, 50])
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.15, 0.25, 0.5, 1.0])
+def test_early_steps_is_the_fraction_rounded_half_up(num_steps, fraction):
+    from fractions import Fraction
+
+    from atedm.dsap import early_steps
+
+    exact = Fraction(fraction).limit_denominator(1000) * num_steps  # the fraction as written, no float error
+    expected = int(exact) + (1 if exact - int(exact) >= Fraction(1, 2) else 0)
+    assert early_steps(fraction, num_steps) == expected
+    assert atedm.ATEDMConfig(dsap_fraction=fraction).early_steps(num_steps) == expected
+
+
+def test_dsap_rule_on_a_unet_with_one_attention_stage_per_side():
+    """The published rule reads the UNet's own layout: first attention block of each down stage, last of
+    each up stage; stages without attention contribute nothing."""
+    from atedm.dsap import dsap_block_names
+
+    unet = tiny_sdxl_unet(
+        block_out_channels=[32, 64],
+        attention_head_dim=[1, 2],
+        transformer_layers_per_block=[1, 2],
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    )
+    assert dsap_block_names(unet) == ("down_blocks.1.attentions.0", "up_blocks.0.attentions.2")
+
+
+def test_dsap_blocks_that_are_not_attention_blocks_are_refused_and_the_old_patch_stays(unet):
+    atedm.apply(unet, "c")
+    before = atedm.get_state(unet)
+    with pytest.raises(ValueError, match=r"dsap_blocks \['up_blocks.9.attentions.0'\]"):
+        atedm.apply(unet, "c", dsap_blocks=("up_blocks.9.attentions.0",))
+    assert atedm.get_state(unet) is before
+    atedm.apply(unet, "c", dsap_blocks=("up_blocks.9.attentions.0",), dsap_fraction=0.0)  # DSAP off: allowed
+    assert atedm.get_state(unet).dsap.blocks == {"up_blocks.9.attentions.0"}

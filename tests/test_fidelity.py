@@ -14,7 +14,7 @@ import torch
 from diffusers import DDPMScheduler
 
 import atedm
-from atedm.config import SDXL_DSAP_BLOCKS
+from atedm.dsap import SDXL_DSAP_BLOCKS
 from benchmarks.fidelity.model import MODEL_DIR, classifier_split, load_digit_images, load_fidelity_model
 from benchmarks.fidelity.sampling import classifier_accuracy, psnr_per_image, sample_digits
 

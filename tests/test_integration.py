@@ -261,7 +261,7 @@ def test_refiner_shaped_unet_derives_its_dsap_blocks_and_prunes():
     )
     atedm.apply(refiner, "c")
     state = atedm.get_state(refiner)
-    assert state.dsap_blocks == {"down_blocks.1.attentions.0", "down_blocks.2.attentions.0",
+    assert state.dsap.blocks == {"down_blocks.1.attentions.0", "down_blocks.2.attentions.0",
                                  "up_blocks.1.attentions.2", "up_blocks.2.attentions.2"}
     assert state.blocks["up_blocks.1.attentions.0"].level == 3 and state.blocks["up_blocks.2.attentions.0"].level == 2
     out = run_unet(refiner, unet_inputs(batch=2, height=16, width=16))
@@ -334,3 +334,36 @@ def test_a_failed_apply_rolls_back_every_hook_and_processor(unet, monkeypatch):
     assert {name: type(proc) for name, proc in unet.attn_processors.items()} == processors
     assert hooks() == hooks_before
     assert torch.equal(run_unet(unet, inputs), before)
+
+
+def test_a_failed_reapply_puts_the_previous_patch_back(unet, monkeypatch):
+    """Re-applying with another config removes the old patch first; when the new one fails halfway, the
+    old one must be back in place, pruning exactly as before."""
+    from diffusers.models.attention_processor import Attention
+
+    from atedm.patch import PruningSelfAttnProcessor
+
+    inputs = unet_inputs(batch=2)
+    atedm.apply(unet, "c", dsap_fraction=0.0)
+    state = atedm.get_state(unet)
+    before = run_unet(unet, inputs)
+    original_set_processor = Attention.set_processor
+    calls = []
+
+    def new_config_fails(self, processor):
+        if isinstance(processor, PruningSelfAttnProcessor) and processor.state is not state:
+            calls.append(processor)
+            if len(calls) == 3:
+                raise RuntimeError("injected: third processor of the new config fails")
+        return original_set_processor(self, processor)
+
+    monkeypatch.setattr(Attention, "set_processor", new_config_fails)
+    with pytest.raises(RuntimeError, match="new config"):
+        atedm.apply(unet, "a", dsap_fraction=0.0)
+    monkeypatch.setattr(Attention, "set_processor", original_set_processor)
+    assert atedm.get_state(unet) is state
+    pruned = state.pruned_calls
+    assert torch.equal(run_unet(unet, inputs), before)
+    assert state.pruned_calls == pruned + len(state.blocks)
+    atedm.remove(unet)
+    assert not any(isinstance(p, PruningSelfAttnProcessor) for p in unet.attn_processors.values())
