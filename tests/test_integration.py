@@ -300,13 +300,31 @@ def test_cpu_one_pass_route_matches_the_two_pass_route(unet, monkeypatch):
     torch.testing.assert_close(one_pass, two_pass, atol=1e-4, rtol=1e-3)
 
 
-def test_a_failed_apply_rolls_back_every_hook_and_processor(unet, monkeypatch):
-    """apply's promise "on any error the model is left as it was": the third processor installation
-    raises, and nothing of atedm stays behind (hooks, processors, state), so outputs stay bit-identical."""
+def fail_third_processor_install(monkeypatch, of_state=None) -> list:
+    """Make the third PruningSelfAttnProcessor installation raise (only those of a state other than
+    ``of_state``, when given); returns the list of processors whose installation was attempted."""
     from diffusers.models.attention_processor import Attention
 
     from atedm.patch import PruningSelfAttnProcessor
 
+    original_set_processor = Attention.set_processor
+    attempted = []
+
+    def third_fails(self, processor):
+        if isinstance(processor, PruningSelfAttnProcessor) and processor.state is not of_state:
+            attempted.append(processor)
+            if len(attempted) == 3:
+                monkeypatch.setattr(Attention, "set_processor", original_set_processor)  # rollback may install
+                raise RuntimeError("injected: third processor installation fails")
+        return original_set_processor(self, processor)
+
+    monkeypatch.setattr(Attention, "set_processor", third_fails)
+    return attempted
+
+
+def test_a_failed_apply_rolls_back_every_hook_and_processor(unet, monkeypatch):
+    """apply's promise "on any error the model is left as it was": the third processor installation
+    raises, and nothing of atedm stays behind (hooks, processors, state), so outputs stay bit-identical."""
     inputs = unet_inputs(batch=2)
     before = run_unet(unet, inputs)
     processors = {name: type(proc) for name, proc in unet.attn_processors.items()}
@@ -315,21 +333,10 @@ def test_a_failed_apply_rolls_back_every_hook_and_processor(unet, monkeypatch):
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in unet.modules())
 
     hooks_before = hooks()
-    original_set_processor = Attention.set_processor
-    installed = []
-
-    def third_fails(self, processor):
-        if isinstance(processor, PruningSelfAttnProcessor):
-            installed.append(processor)
-            if len(installed) == 3:
-                raise RuntimeError("injected: third processor installation fails")
-        return original_set_processor(self, processor)
-
-    monkeypatch.setattr(Attention, "set_processor", third_fails)
+    attempted = fail_third_processor_install(monkeypatch)
     with pytest.raises(RuntimeError, match="third processor"):
         atedm.apply(unet, prune_ratio=0.63, dsap_fraction=0.0)
-    monkeypatch.setattr(Attention, "set_processor", original_set_processor)
-    assert len(installed) == 3  # two were in place when the third failed
+    assert len(attempted) == 3  # two were in place when the third failed
     assert atedm.get_state(unet) is None
     assert {name: type(proc) for name, proc in unet.attn_processors.items()} == processors
     assert hooks() == hooks_before
@@ -339,28 +346,15 @@ def test_a_failed_apply_rolls_back_every_hook_and_processor(unet, monkeypatch):
 def test_a_failed_reapply_puts_the_previous_patch_back(unet, monkeypatch):
     """Re-applying with another config removes the old patch first; when the new one fails halfway, the
     old one must be back in place, pruning exactly as before."""
-    from diffusers.models.attention_processor import Attention
-
     from atedm.patch import PruningSelfAttnProcessor
 
     inputs = unet_inputs(batch=2)
     atedm.apply(unet, "c", dsap_fraction=0.0)
     state = atedm.get_state(unet)
     before = run_unet(unet, inputs)
-    original_set_processor = Attention.set_processor
-    calls = []
-
-    def new_config_fails(self, processor):
-        if isinstance(processor, PruningSelfAttnProcessor) and processor.state is not state:
-            calls.append(processor)
-            if len(calls) == 3:
-                raise RuntimeError("injected: third processor of the new config fails")
-        return original_set_processor(self, processor)
-
-    monkeypatch.setattr(Attention, "set_processor", new_config_fails)
-    with pytest.raises(RuntimeError, match="new config"):
+    fail_third_processor_install(monkeypatch, of_state=state)
+    with pytest.raises(RuntimeError, match="third processor"):
         atedm.apply(unet, "a", dsap_fraction=0.0)
-    monkeypatch.setattr(Attention, "set_processor", original_set_processor)
     assert atedm.get_state(unet) is state
     pruned = state.pruned_calls
     assert torch.equal(run_unet(unet, inputs), before)
