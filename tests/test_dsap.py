@@ -97,8 +97,9 @@ def test_new_generation_starts_clean_after_an_interrupted_one(unet):
     inputs = unet_inputs(batch=2)
     expected = run_unet(unet, inputs)
     bad = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"][:, :, :5])
-    with pytest.raises(RuntimeError):
-        run_unet(unet, bad)  # dies inside the first block, after the plan was made
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        run_unet(unet, bad)  # dies in the first block's cross-attention, after the plan was made
+    assert any(block.keep for block in atedm.get_state(unet).blocks.values())  # a stale plan is left behind
     assert torch.equal(run_unet(unet, inputs), expected)
     atedm.get_state(unet).reset()
     assert atedm.get_state(unet).pruned_calls == 0

@@ -124,10 +124,25 @@ def test_every_layer_mode_prunes_after_each_layer_but_the_last(unet):
      dict(similarity="key_cosine"), dict(cfg_mask_mode="shared_cond"), dict(gwpr_iterations=1),
      dict(ranking="random")],
 )
-def test_every_switch_runs_the_pruned_path(unet, overrides):
+def test_every_switch_runs_the_pruned_path(unet, overrides, monkeypatch):
+    """Each switch reaches the plan of every block and changes what the model computes."""
+    import atedm.patch as patch
+
+    inputs = unet_inputs(batch=2)
+    atedm.apply(unet, prune_ratio=0.63, dsap_fraction=0.0)
+    default = run_unet(unet, inputs)
+    seen = []
+    original_plan = patch.plan_token_pruning
+
+    def plan_spy(*args, **kwargs):
+        seen.append({name: kwargs["iterations" if name == "gwpr_iterations" else name] for name in overrides})
+        return original_plan(*args, **kwargs)
+
+    monkeypatch.setattr(patch, "plan_token_pruning", plan_spy)
     atedm.apply(unet, prune_ratio=0.63, dsap_fraction=0.0, **overrides)
-    out = run_unet(unet, unet_inputs(batch=2))
-    assert torch.isfinite(out).all() and atedm.get_state(unet).pruned_calls == 11
+    out = run_unet(unet, inputs)
+    assert seen == [overrides] * 11 and atedm.get_state(unet).pruned_calls == 11
+    assert torch.isfinite(out).all() and not torch.equal(out, default)
 
 
 def test_shared_cond_mask_needs_an_even_batch(unet):
@@ -230,9 +245,9 @@ def test_triton_backend_matches_torch_backend_end_to_end(unet, monkeypatch):
     got = run_unet(unet, inputs)
     assert atedm.get_state(unet).pruned_calls == 11
     # Every kernel ran in every block, but the map build, which materialize_attention_map skips where
-    # recomputing is cheaper (the 4-head blocks here).
+    # recomputing is cheaper (the 2-head level-2 blocks here).
     built = launches.pop("_head_mean_attention_map_triton", 0)
-    assert 1 <= built <= 11
+    assert built == len(LEVEL3)
     assert launches == {name: 11 for _, name in TRITON_ENTRY_POINTS if name != "_head_mean_attention_map_triton"}
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
 
@@ -291,11 +306,11 @@ def test_cpu_one_pass_route_matches_the_two_pass_route(unet, monkeypatch):
     atedm.apply(unet, "c", dsap_fraction=0.0)
     one_pass = run_unet(unet, inputs)
     one_pass_kept, kept[:] = list(kept), []
-    # The tiny UNet's 4-head level-2 blocks recompute instead of building a map; the rest build one.
-    assert 1 <= len(routes) <= len(one_pass_kept) == 11
+    # The tiny UNet's 2-head level-2 blocks recompute instead of building a map; the level-3 ones build one.
+    assert len(routes) == len(LEVEL3) and len(one_pass_kept) == 11
     monkeypatch.setattr(patch, "one_pass_map_applies", lambda *args, **kwargs: False)
     two_pass = run_unet(unet, inputs)
-    assert len(routes) <= 11 and len(kept) == 11
+    assert len(routes) == len(LEVEL3) and len(kept) == 11  # no one-pass call this time
     assert all(torch.equal(a, b) for a, b in zip(one_pass_kept, kept))
     torch.testing.assert_close(one_pass, two_pass, atol=1e-4, rtol=1e-3)
 

@@ -43,23 +43,40 @@ def test_pipeline_apply_dsap_and_remove(saved_pipeline):
 
 def test_guidance_one_runs_a_single_half(saved_pipeline):
     pipe, _ = saved_pipeline
-    atedm.apply(pipe, "c", cfg_mask_mode="per_sample")
+    unpruned = generate(pipe, steps=3, guidance=1.0)
+    atedm.apply(pipe, "c", cfg_mask_mode="per_sample", dsap_fraction=0.0)
     try:
         images = generate(pipe, steps=3, guidance=1.0)
+        state = atedm.get_state(pipe)
+        assert state.pruned_calls == 3 * len(state.blocks) == 33
     finally:
         atedm.remove(pipe)
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    assert not np.array_equal(images, unpruned)
 
 
-def test_generate_command_writes_an_image(saved_pipeline, tmp_path, capsys):
-    _, folder = saved_pipeline
-    out = tmp_path / "cat.png"
-    main(["generate", "--model", str(folder), "--prompt", PROMPT, "--preset", "c", "--steps", "3",
+def _generate_command(folder, out, preset):
+    main(["generate", "--model", str(folder), "--prompt", PROMPT, "--preset", preset, "--steps", "3",
           "--height", "32", "--width", "32", "--out", str(out)])
-    assert "saved" in capsys.readouterr().out
     with Image.open(out) as image:
-        assert image.size == (32, 32)
-        assert np.asarray(image).std() > 0
+        return np.asarray(image)
+
+
+def test_generate_command_writes_the_preset_image(saved_pipeline, tmp_path, capsys):
+    """The command's image is the one the same pipeline gives in-process with the same preset and seed,
+    and differs from the unpruned one."""
+    pipe, folder = saved_pipeline
+    written = _generate_command(folder, tmp_path / "cat.png", "c")
+    assert "saved" in capsys.readouterr().out and written.shape == (32, 32, 3)
+    atedm.apply(pipe, "c")
+    try:
+        pipe.set_progress_bar_config(disable=True)
+        expected = pipe(PROMPT, num_inference_steps=3, guidance_scale=7.0, height=32, width=32,
+                        generator=torch.Generator().manual_seed(0)).images[0]
+    finally:
+        atedm.remove(pipe)
+    np.testing.assert_array_equal(written, np.asarray(expected))
+    assert not np.array_equal(written, _generate_command(folder, tmp_path / "full.png", "none"))
 
 
 def test_several_images_per_prompt(saved_pipeline):
