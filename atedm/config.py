@@ -1,6 +1,7 @@
 """ATEDMConfig: every switch of AT-EDM in one documented, validated dataclass.
 
-Defaults follow the paper where it is explicit and ``shared/spec/method.md`` where it is a [switch].
+Defaults follow the paper where it is explicit; where the implementation had to choose, see
+docs/method.md ("What the paper fixes and what atedm chose").
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ kernel below as the fallback (and as the only provider under the interpreter). E
 checked once against the reference before first use (they are private ops whose output layout has moved
 between releases), and one that fails at run time is skipped with a warning (``_dispatch.guarded_launch``).
 
-Floor (performance.md, H100, level 2 B=2 H=10 N=4096 d=64): 4 B H N^2 d = 86 GFLOP of matmul (about
+Floor (docs/performance.md, H100, level 2 B=2 H=10 N=4096 d=64): 4 B H N^2 d = 86 GFLOP of matmul (about
 107 us at 800 TFLOP/s) and B H N^2 = 336 M exps (about 86 us): about 0.11 ms. The Triton kernel's target
 is PyTorch's SDPA flash backend within 1.15x (``benchmarks/bench_attention_lse.py``).
 """

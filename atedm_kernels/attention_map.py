@@ -24,7 +24,7 @@ s_1 = Abar^T (1/N), which saves ``gwpr.py`` one full read of the map when it bui
 cost BLOCK_N fp32 stores per tile against the tile's H * BLOCK_M * BLOCK_N exps; no atomics, so the sums
 are deterministic (a reordered sum could flip a near-tie in the top-k mask between runs).
 
-Floor (performance.md, H100, level 2 B=2 H=10 N=4096): B H N^2 = 336 M exps, about 86 us (binding), over
+Floor (docs/performance.md, H100, level 2 B=2 H=10 N=4096): B H N^2 = 336 M exps, about 86 us (binding), over
 the 2 B H N^2 d = 43 GFLOP of QK^T (about 54 us) and the 67 MB fp16 map written once (about 22 us).
 """
 

@@ -31,7 +31,7 @@ Kernels (no per-head map is ever stored; no atomics, so scores are bitwise repro
 column-sum by-product of ``attention_map.py`` as step 1) and then K - 1 memory-bound steps, or K
 recompute steps that store nothing.
 
-Floor (performance.md, H100, level 2 B=2 H=10 N=4096): one step over the fp16 map reads 67 MB, about
+Floor (docs/performance.md, H100, level 2 B=2 H=10 N=4096): one step over the fp16 map reads 67 MB, about
 22 us; one recompute step costs the exp floor, 336 M exps, about 86 us.
 """
 
@@ -53,7 +53,7 @@ HEAD_REDUCTIONS = ("mean", "rms")
 # level 2, and B = 8 still fits (268 MB); at 2048 px level 2 (N = 16384) the fp16 map is 1 GiB per
 # B = 2, about what a whole consumer GPU has to spare beside the UNet, so G-WPR recomputes there.
 ATTENTION_MAP_BYTES_BUDGET = 512 * 1024 * 1024
-# H100 rates (performance.md): seconds per exp (special-function units) and per byte of map traffic.
+# H100 rates (docs/performance.md): seconds per exp (special-function units) and per byte of map traffic.
 _SECONDS_PER_EXP = 1 / 3.9e12
 _SECONDS_PER_MAP_BYTE = 1 / 3.0e12
 

@@ -6,7 +6,7 @@ every unpruned layer runs), each lse provider available here (``lse_flash``, ``l
 the PyTorch reference, and with ``--compile-ref`` torch.compile of the reference. Per shape it prints each
 lse provider's time over plain SDPA: the pruning layer's attention should cost what SDPA costs, and the
 fastest provider is the one ``backend="auto"`` should pick first. Work counted: 4 B H N^2 d FLOPs (QK^T
-and PV) and B H N^2 exps; the floor is the slower of the two at the GPU's ceilings (performance.md).
+and PV) and B H N^2 exps; the floor is the slower of the two at the GPU's ceilings (docs/performance.md).
 
     python -m benchmarks.bench_attention_lse [--quick | --tiny] [--compile-ref] [--out PATH] [--dtype float16]
 """

@@ -3,7 +3,7 @@
 Providers: the Triton kernel, the PyTorch reference, and with ``--compile-ref`` torch.compile of the
 reference. The map is written in fp16, as the integration asks for it. Work counted: 2 B H N^2 d FLOPs
 (QK^T), B H N^2 exps and the B N^2 x 2 bytes of the map written once; the floor is the slowest of the
-three (performance.md: about 86 us at level 2 on an H100, exp-bound). Achieved GB/s counts the map write only.
+three (docs/performance.md: about 86 us at level 2 on an H100, exp-bound). Achieved GB/s counts the map write only.
 
     python -m benchmarks.bench_attention_map [--quick | --tiny] [--compile-ref] [--out PATH] [--dtype float16]
 """

@@ -3,7 +3,7 @@
 Providers: the Triton kernel, the PyTorch reference, and with ``--compile-ref`` torch.compile of the
 reference. k = ceil(0.37 N)
 (rho = 0.63). Work counted as bytes moved: the gather reads and writes B k C elements plus the indices,
-so its floor is a copy at the GPU's bandwidth (performance.md: 3.0 TB/s H100, 4.3 TB/s H200). Top-k reads
+so its floor is a copy at the GPU's bandwidth (docs/performance.md: 3.0 TB/s H100, 4.3 TB/s H200). Top-k reads
 B N fp32 scores and writes B k indices: its "floor" is nanoseconds, the kernel is latency-bound (33
 dependent passes in one program per image), so read its ms against the launch, not its % of floor.
 

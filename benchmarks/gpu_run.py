@@ -17,7 +17,7 @@ Steps, in order of value (``STEP_BUDGETS_S`` gives each one's wall-clock budget,
    fp16, batch 2 (one image with CFG): full, c, dagger, c-ref (the paper's "maps rebuilt next to fused
    attention" row) and ToMe at its best setting (``tomesd@c``), eager; with ``--compile`` also compiled
    rows, as many as fit in the step's budget.
-4. ``kernels``: each kernel benchmark at SDXL's shapes against the floors of performance.md; the step's
+4. ``kernels``: each kernel benchmark at SDXL's shapes against the floors of docs/performance.md; the step's
    budget is shared, each benchmark getting an equal share of what is left when it starts.
 
 Every child runs with ``PYTHONUNBUFFERED=1`` and ``TRITON_INTERPRET=0`` (dry run: 1), appends CSV rows as
