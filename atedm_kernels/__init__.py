@@ -8,7 +8,17 @@ from .attention_lse import attention_with_lse, attention_with_lse_ref
 from .attention_map import attention_with_map, head_mean_attention_map, head_mean_attention_map_ref
 from .gwpr import HEAD_REDUCTIONS, gwpr_power_iteration, gwpr_power_iteration_ref, gwpr_scores, gwpr_scores_ref
 from .prune_plan import one_pass_map_applies, plan_token_pruning
-from .recovery import SIMILARITY_RULES, recovery_source, recovery_source_ref, scatter_recover, scatter_recover_ref
+from .recovery import (
+    SIMILARITY_RULES,
+    compose_sources,
+    compose_sources_ref,
+    recovery_source,
+    recovery_source_ref,
+    scatter_recover,
+    scatter_recover_delta,
+    scatter_recover_delta_ref,
+    scatter_recover_ref,
+)
 from .topk_gather import (
     CFG_MASK_MODES,
     gather_tokens,
@@ -27,6 +37,8 @@ __all__ = [
     "attention_with_lse",
     "attention_with_lse_ref",
     "attention_with_map",
+    "compose_sources",
+    "compose_sources_ref",
     "gather_tokens",
     "gather_tokens_ref",
     "gwpr_power_iteration",
@@ -42,6 +54,8 @@ __all__ = [
     "recovery_source_ref",
     "resolve_backend",
     "scatter_recover",
+    "scatter_recover_delta",
+    "scatter_recover_delta_ref",
     "scatter_recover_ref",
     "share_cfg_scores",
     "topk_keep_indices",

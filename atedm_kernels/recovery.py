@@ -6,6 +6,19 @@ Math. With kept indices keep (B, k) ascending and a similarity sim[i, j] between
     src[b, i] = argmax_r sim[i, keep[b, r]]   otherwise           (first maximum wins a tie)
     full[b, i, :] = kept[b, src[b, i], :]                          (B, N, C)
 
+Across layers (``compose_sources``). A block that prunes in L layers records one source per layer:
+sources[0] (B, N) into the first layer's k_0 kept tokens, sources[l] (B, k_{l-1}) into layer l's k_l kept
+tokens. A token of the full grid follows its chain to the last layer's kept tokens::
+
+    src[b, i] = sources[L-1][b, ... sources[1][b, sources[0][b, i]] ...]      (B, N) in [0, k_{L-1})
+
+Delta refill (``scatter_recover_delta``). With the stream at the cut, cut_state (B, N, C), its kept rows
+then, cut_kept (B, k, C), and the kept rows at the end, kept_out (B, k, C), a token keeps its own state at
+the cut plus the change its source underwent since (a kept token, cut_state[i] = cut_kept[src[i]], gets
+kept_out[src[i]] up to rounding)::
+
+    full[b, i, :] = cut_state[b, i, :] + (kept_out - cut_kept)[b, src[b, i], :]    (B, N, C)
+
 Similarity rules (AT-EDM's default is the first):
 
 * ``"attention"``            sim[i, j] = Abar[i, j]  (the kept token that pruned token i attended to most)
@@ -21,8 +34,9 @@ columns only from the first layer's queries, keys and row log-sum-exp (``scale``
 Shapes: keep_idx (B, k) int64, Abar (B, N, N) any float dtype, or queries and keys (B, H, N, d) with lse
 (B, H, N) fp32, or keys alone for ``key_cosine`` -> src (B, N) int64 in [0, k). kept (B, k, C), src -> (B, N, C).
 
-Kernels. The match kernels give one program BLOCK_M rows of one image; it walks the k kept columns in
-BLOCK_K tiles and keeps a running fp32 (max, argmax) per row, so no similarity row is ever stored:
+Kernels. The match kernels give one program BLOCK_M rows of one image; one loop (``_best_kept_rank``)
+walks the k kept columns in BLOCK_K tiles and keeps a running fp32 (max, argmax) per row, so no similarity
+row is ever stored. Each rule hands the loop its similarity tile:
 
 * map rules gather Abar[i, keep] (row i's kept columns) and/or Abar[keep, i] (kept rows, read along i);
 * recompute rules rebuild those entries head by head with a (BLOCK_M x d) @ (d x BLOCK_K) dot, the
@@ -30,7 +44,9 @@ BLOCK_K tiles and keeps a running fp32 (max, argmax) per row, so no similarity r
 * ``key_cosine`` accumulates key dot products over heads and divides by both norms, the column norms
   computed from the tiles already loaded for the dot.
 Kept rows then take their own rank by one scatter. The copy (``scatter_recover``) is the row gather of
-``topk_gather``: every full row reads its source kept row, so each output element is written once.
+``topk_gather``: every full row reads its source kept row, so each output element is written once. The
+delta refill subtracts on the k kept rows, then copies and adds; composing sources is a chain of int64
+gathers (B * N each), too small for a kernel of its own.
 
 Floor, SDXL level 2 at batch 2 and rho = 0.63 (N = 4096, k = 1516, d = 64, fp16), at the H100's
 3.0 TB/s (H200: 4.3 TB/s). All but the recompute path are memory-bound:
@@ -47,11 +63,13 @@ Floor, SDXL level 2 at batch 2 and rho = 0.63 (N = 4096, k = 1516, d = 64, fp16)
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ._chunking import rows_per_chunk
 from ._dispatch import check_same_device, guarded_launch, resolve_backend, triton_interpreter_on
-from ._triton import head_dim_block, jit, tl, triton
+from ._triton import dot_precision, head_dim_block, jit, load_head_rows, tl, triton
 from .attention_map import head_probabilities
 from .topk_gather import _gather_rows_into
 
@@ -65,8 +83,8 @@ def _attention_to_kept(
     keep_idx: torch.Tensor,
     transposed: bool,
     attention_map: torch.Tensor | None,
-    queries: torch.Tensor | None,
     keys: torch.Tensor | None,
+    queries: torch.Tensor | None,
     lse: torch.Tensor | None,
     scale: float | None,
 ) -> torch.Tensor:
@@ -104,7 +122,7 @@ def _similarity_to_kept(
         unit = torch.nn.functional.normalize(flat, dim=-1)
         kept = torch.gather(unit, 1, keep_idx.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
         return torch.matmul(unit[:, rows], kept.transpose(1, 2))
-    operands = (attention_map, queries, keys, lse, scale)
+    operands = (attention_map, keys, queries, lse, scale)
     if rule == "attention":
         return _attention_to_kept(rows, keep_idx, False, *operands)
     if rule == "attention_transposed":
@@ -146,6 +164,21 @@ def scatter_recover_ref(kept: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return torch.gather(kept, 1, src.unsqueeze(-1).expand(-1, -1, kept.shape[-1]))
 
 
+def compose_sources_ref(sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Reference: src[b, i] <- sources[l][b, src[b, i]] for each later layer l -> (B, N) int64."""
+    src = sources[0]
+    for later in sources[1:]:
+        src = torch.gather(later, 1, src)
+    return src
+
+
+def scatter_recover_delta_ref(
+    kept_out: torch.Tensor, cut_state: torch.Tensor, cut_kept: torch.Tensor, src: torch.Tensor
+) -> torch.Tensor:
+    """Reference: full[b, i] = cut_state[b, i] + (kept_out - cut_kept)[b, src[b, i]] -> (B, N, C)."""
+    return cut_state + scatter_recover_ref(kept_out - cut_kept, src)
+
+
 @jit
 def _fold_running_argmax(best_sim, best_rank, sim, first_rank):
     """Fold a (BLOCK_M, BLOCK_K) similarity tile, column c = kept rank first_rank + c, into the row maxima.
@@ -156,6 +189,156 @@ def _fold_running_argmax(best_sim, best_rank, sim, first_rank):
     tile_best, tile_arg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
     better = tile_best > best_sim
     return tl.where(better, tile_best, best_sim), tl.where(better, first_rank + tile_arg, best_rank)
+
+
+@jit
+def _best_kept_rank(
+    similarity_tile: tl.constexpr,  # the rule's @jit tile function, called as below
+    operands,  # tuple of the rule's pointers, strides, sizes and flags, unpacked after the tile's arguments
+    rows,  # (BLOCK_M,) int64 token indices of the program's rows
+    num_tokens,  # N
+    keep_image,  # the image's (k,) kept token indices
+    stride_keep_r,
+    num_kept,  # k
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Each row's kept rank of highest similarity, int32 (BLOCK_M,), first maximum on a tie.
+
+    Walks the kept tokens in rank order, BLOCK_K at a time: ``similarity_tile(rows, num_tokens, cols,
+    ranks, num_kept, *operands)`` gives the (BLOCK_M, BLOCK_K) fp32 similarities of the rows (valid below
+    num_tokens) to the kept tokens ``cols`` of ranks ``ranks`` (valid below num_kept), and only a running
+    (max, argmax) per row survives a tile. The operands travel as a tuple literal built in the call: a
+    tuple bound to a name would turn its constexpr flags into tensors.
+    """
+    best_sim = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    best_rank = tl.zeros((BLOCK_M,), tl.int32)
+    for first_rank in range(0, num_kept, BLOCK_K):
+        ranks = first_rank + tl.arange(0, BLOCK_K)
+        rank_ok = ranks < num_kept
+        cols = tl.load(keep_image + ranks.to(tl.int64) * stride_keep_r, mask=rank_ok, other=0)
+        sim = similarity_tile(rows, num_tokens, cols, ranks, num_kept, *operands)
+        sim = tl.where(rank_ok[None, :], sim, float("-inf"))
+        best_sim, best_rank = _fold_running_argmax(best_sim, best_rank, sim, first_rank)
+    return best_rank
+
+
+@jit
+def _map_tile(
+    rows, num_tokens, cols, ranks, num_kept,  # the tile, as _best_kept_rank hands it over
+    map_image,  # the image's (N, N) head-averaged attention Abar, any float dtype
+    stride_map_i,
+    stride_map_j,
+    USE_FORWARD: tl.constexpr,  # similarity includes Abar[i, j]
+    USE_BACKWARD: tl.constexpr,  # similarity includes Abar[j, i]
+):
+    """Similarity read from the map: row i's kept columns and/or the kept rows' entries in column i."""
+    tile_ok = (rows < num_tokens)[:, None] & (ranks < num_kept)[None, :]
+    sim = tl.zeros((rows.shape[0], ranks.shape[0]), tl.float32)
+    if USE_FORWARD:
+        forward = tl.load(map_image + rows[:, None] * stride_map_i + cols[None, :] * stride_map_j,
+                          mask=tile_ok, other=0.0)
+        sim += forward.to(tl.float32)
+    if USE_BACKWARD:
+        backward = tl.load(map_image + cols[None, :] * stride_map_i + rows[:, None] * stride_map_j,
+                           mask=tile_ok, other=0.0)
+        sim += backward.to(tl.float32)
+    return sim
+
+
+@jit
+def _head_dots(
+    row_head, stride_row_n, stride_row_d,  # one head's (N, d) tensor, read at the tile's rows
+    kept_head, stride_kept_n, stride_kept_d,  # one head's (N, d) tensor, read at the tile's kept tokens
+    rows, num_tokens, cols, ranks, num_kept,  # the tile, as _best_kept_rank hands it over
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """<row_head[i], kept_head[j]> for the tile's rows i and kept tokens j, fp32 (BLOCK_M, BLOCK_K)."""
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    at_rows = load_head_rows(row_head + rows[:, None] * stride_row_n + dims[None, :] * stride_row_d,
+                             rows, num_tokens, dims, HEAD_DIM, BLOCK_D, True)
+    at_kept = load_head_rows(kept_head + cols[:, None] * stride_kept_n + dims[None, :] * stride_kept_d,
+                             ranks, num_kept, dims, HEAD_DIM, BLOCK_D, True)
+    return tl.dot(at_rows, tl.trans(at_kept), input_precision=DOT_PRECISION)
+
+
+@jit
+def _recomputed_attention_tile(
+    rows, num_tokens, cols, ranks, num_kept,  # the tile, as _best_kept_rank hands it over
+    q_image,  # the image's (H, N, d) queries of the layer whose map Abar is
+    k_image,  # its (H, N, d) keys, same dtype as q
+    lse_image,  # its (H, N) fp32 row log-sum-exp of that attention
+    stride_q_h,
+    stride_q_n,
+    stride_q_d,
+    stride_k_h,
+    stride_k_n,
+    stride_k_d,
+    stride_lse_h,
+    stride_lse_n,
+    num_heads,  # H
+    scale,  # softmax scale of the logits
+    USE_FORWARD: tl.constexpr,  # similarity includes Abar[i, j] = mean_h exp(scale q_hi.k_hj - lse_hi)
+    USE_BACKWARD: tl.constexpr,  # similarity includes Abar[j, i] = mean_h exp(scale q_hj.k_hi - lse_hj)
+    HEAD_DIM: tl.constexpr,  # d
+    BLOCK_D: tl.constexpr,  # d rounded up to a power of 2, at least 16 for tl.dot
+    DOT_PRECISION: tl.constexpr,  # dot_precision(q.dtype): IEEE for fp32, where TF32 would move argmaxes
+):
+    """Similarity rebuilt head by head from q, k and the lse: head-summed probabilities, since the mean's
+    1/H is a positive constant and cannot move an argmax. Tiles of kept tokens are masked by rank."""
+    row_ok = rows < num_tokens
+    rank_ok = ranks < num_kept
+    sim = tl.zeros((rows.shape[0], ranks.shape[0]), tl.float32)
+    q_head = q_image
+    k_head = k_image
+    lse_head = lse_image
+    for _ in range(num_heads):
+        if USE_FORWARD:
+            logits = _head_dots(q_head, stride_q_n, stride_q_d, k_head, stride_k_n, stride_k_d,
+                                rows, num_tokens, cols, ranks, num_kept, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+            lse_rows = tl.load(lse_head + rows * stride_lse_n, mask=row_ok, other=0.0).to(tl.float32)
+            sim += tl.exp(logits * scale - lse_rows[:, None])
+        if USE_BACKWARD:
+            logits = _head_dots(k_head, stride_k_n, stride_k_d, q_head, stride_q_n, stride_q_d,
+                                rows, num_tokens, cols, ranks, num_kept, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+            lse_cols = tl.load(lse_head + cols * stride_lse_n, mask=rank_ok, other=0.0).to(tl.float32)
+            sim += tl.exp(logits * scale - lse_cols[None, :])
+        q_head += stride_q_h
+        k_head += stride_k_h
+        lse_head += stride_lse_h
+    return sim
+
+
+@jit
+def _key_cosine_tile(
+    rows, num_tokens, cols, ranks, num_kept,  # the tile, as _best_kept_rank hands it over
+    keys_image,  # the image's (H, N, d) keys
+    stride_keys_h,
+    stride_keys_n,
+    stride_keys_d,
+    row_norm,  # (BLOCK_M,) norms of the rows' keys concatenated over heads, floored at 1e-12
+    num_heads,  # H
+    HEAD_DIM: tl.constexpr,  # d
+    BLOCK_D: tl.constexpr,  # d rounded up to a power of 2, at least 16 for tl.dot
+    DOT_PRECISION: tl.constexpr,  # dot_precision(keys.dtype): IEEE for fp32, where TF32 would move argmaxes
+):
+    """Cosine of the keys concatenated over heads; the kept columns' norms come from the tiles already
+    loaded for the dot. Tiles of kept tokens are masked by rank."""
+    dims = tl.arange(0, BLOCK_D).to(tl.int64)
+    dots = tl.zeros((rows.shape[0], ranks.shape[0]), tl.float32)
+    col_square = tl.zeros((ranks.shape[0],), tl.float32)
+    keys_head = keys_image
+    for _ in range(num_heads):
+        k_rows = load_head_rows(keys_head + rows[:, None] * stride_keys_n + dims[None, :] * stride_keys_d,
+                                rows, num_tokens, dims, HEAD_DIM, BLOCK_D, True)
+        k_cols = load_head_rows(keys_head + cols[:, None] * stride_keys_n + dims[None, :] * stride_keys_d,
+                                ranks, num_kept, dims, HEAD_DIM, BLOCK_D, True)
+        dots = tl.dot(k_rows, tl.trans(k_cols), dots, input_precision=DOT_PRECISION)
+        k_cols = k_cols.to(tl.float32)
+        col_square += tl.sum(k_cols * k_cols, axis=1)
+        keys_head += stride_keys_h
+    col_norm = tl.maximum(tl.sqrt(col_square), 1e-12)
+    return dots / (row_norm[:, None] * col_norm[None, :])
 
 
 @jit
@@ -180,25 +363,11 @@ def _match_from_map_kernel(
     # One program owns BLOCK_M rows of one image and scans all of its kept columns.
     image = tl.program_id(1).to(tl.int64)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < num_tokens
-    map_image = map_ptr + image * stride_map_b
-    best_sim = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    best_rank = tl.zeros((BLOCK_M,), tl.int32)
-    for first_rank in range(0, num_kept, BLOCK_K):
-        ranks = first_rank + tl.arange(0, BLOCK_K)
-        rank_ok = ranks < num_kept
-        cols = tl.load(keep_ptr + image * stride_keep_b + ranks.to(tl.int64) * stride_keep_r, mask=rank_ok, other=0)
-        tile_ok = row_ok[:, None] & rank_ok[None, :]
-        sim = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-        if USE_FORWARD:
-            forward = tl.load(map_image + rows[:, None] * stride_map_i + cols[None, :] * stride_map_j, mask=tile_ok, other=0.0)
-            sim += forward.to(tl.float32)
-        if USE_BACKWARD:
-            backward = tl.load(map_image + cols[None, :] * stride_map_i + rows[:, None] * stride_map_j, mask=tile_ok, other=0.0)
-            sim += backward.to(tl.float32)
-        sim = tl.where(rank_ok[None, :], sim, float("-inf"))
-        best_sim, best_rank = _fold_running_argmax(best_sim, best_rank, sim, first_rank)
-    tl.store(src_ptr + image * stride_src_b + rows * stride_src_n, best_rank.to(tl.int64), mask=row_ok)
+    best_rank = _best_kept_rank(
+        _map_tile, (map_ptr + image * stride_map_b, stride_map_i, stride_map_j, USE_FORWARD, USE_BACKWARD),
+        rows, num_tokens, keep_ptr + image * stride_keep_b, stride_keep_r, num_kept, BLOCK_M, BLOCK_K,
+    )
+    tl.store(src_ptr + image * stride_src_b + rows * stride_src_n, best_rank.to(tl.int64), mask=rows < num_tokens)
 
 
 @jit
@@ -226,52 +395,26 @@ def _match_from_qk_kernel(
     num_tokens,  # N
     num_kept,  # k
     num_heads,  # H
-    head_dim,  # d
     scale,  # softmax scale of the logits
     USE_FORWARD: tl.constexpr,  # similarity includes Abar[i, j] = mean_h exp(scale q_hi.k_hj - lse_hi)
     USE_BACKWARD: tl.constexpr,  # similarity includes Abar[j, i] = mean_h exp(scale q_hj.k_hi - lse_hj)
+    HEAD_DIM: tl.constexpr,  # d, fixed by the model
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of 2, at least 16 for tl.dot
+    BLOCK_D: tl.constexpr,  # d rounded up to a power of 2, at least 16 for tl.dot
+    DOT_PRECISION: tl.constexpr,  # dot_precision(q.dtype)
 ):
     # One program owns BLOCK_M rows of one image; per kept tile it rebuilds Abar head by head.
     image = tl.program_id(1).to(tl.int64)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < num_tokens
-    dims = tl.arange(0, BLOCK_D).to(tl.int64)
-    dim_ok = dims < head_dim
-    best_sim = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    best_rank = tl.zeros((BLOCK_M,), tl.int32)
-    for first_rank in range(0, num_kept, BLOCK_K):
-        ranks = first_rank + tl.arange(0, BLOCK_K)
-        rank_ok = ranks < num_kept
-        cols = tl.load(keep_ptr + image * stride_keep_b + ranks.to(tl.int64) * stride_keep_r, mask=rank_ok, other=0)
-        row_tile_ok = row_ok[:, None] & dim_ok[None, :]
-        col_tile_ok = rank_ok[:, None] & dim_ok[None, :]
-        # Head-summed probabilities; the mean's 1/H is a positive constant and cannot move an argmax.
-        sim = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-        q_head = q_ptr + image * stride_q_b
-        k_head = k_ptr + image * stride_k_b
-        lse_head = lse_ptr + image * stride_lse_b
-        for _ in range(num_heads):
-            if USE_FORWARD:
-                q_rows = tl.load(q_head + rows[:, None] * stride_q_n + dims[None, :] * stride_q_d, mask=row_tile_ok, other=0.0)
-                k_cols = tl.load(k_head + cols[:, None] * stride_k_n + dims[None, :] * stride_k_d, mask=col_tile_ok, other=0.0)
-                lse_rows = tl.load(lse_head + rows * stride_lse_n, mask=row_ok, other=0.0).to(tl.float32)
-                logits = tl.dot(q_rows, tl.trans(k_cols), input_precision="ieee")
-                sim += tl.exp(logits * scale - lse_rows[:, None])
-            if USE_BACKWARD:
-                k_rows = tl.load(k_head + rows[:, None] * stride_k_n + dims[None, :] * stride_k_d, mask=row_tile_ok, other=0.0)
-                q_cols = tl.load(q_head + cols[:, None] * stride_q_n + dims[None, :] * stride_q_d, mask=col_tile_ok, other=0.0)
-                lse_cols = tl.load(lse_head + cols * stride_lse_n, mask=rank_ok, other=0.0).to(tl.float32)
-                logits = tl.dot(k_rows, tl.trans(q_cols), input_precision="ieee")
-                sim += tl.exp(logits * scale - lse_cols[None, :])
-            q_head += stride_q_h
-            k_head += stride_k_h
-            lse_head += stride_lse_h
-        sim = tl.where(rank_ok[None, :], sim, float("-inf"))
-        best_sim, best_rank = _fold_running_argmax(best_sim, best_rank, sim, first_rank)
-    tl.store(src_ptr + image * stride_src_b + rows * stride_src_n, best_rank.to(tl.int64), mask=row_ok)
+    best_rank = _best_kept_rank(
+        _recomputed_attention_tile,
+        (q_ptr + image * stride_q_b, k_ptr + image * stride_k_b, lse_ptr + image * stride_lse_b,
+         stride_q_h, stride_q_n, stride_q_d, stride_k_h, stride_k_n, stride_k_d, stride_lse_h, stride_lse_n,
+         num_heads, scale, USE_FORWARD, USE_BACKWARD, HEAD_DIM, BLOCK_D, DOT_PRECISION),
+        rows, num_tokens, keep_ptr + image * stride_keep_b, stride_keep_r, num_kept, BLOCK_M, BLOCK_K,
+    )
+    tl.store(src_ptr + image * stride_src_b + rows * stride_src_n, best_rank.to(tl.int64), mask=rows < num_tokens)
 
 
 @jit
@@ -290,52 +433,33 @@ def _match_key_cosine_kernel(
     num_tokens,  # N
     num_kept,  # k
     num_heads,  # H
-    head_dim,  # d
+    HEAD_DIM: tl.constexpr,  # d, fixed by the model
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of 2, at least 16 for tl.dot
+    BLOCK_D: tl.constexpr,  # d rounded up to a power of 2, at least 16 for tl.dot
+    DOT_PRECISION: tl.constexpr,  # dot_precision(keys.dtype)
 ):
     # One program owns BLOCK_M rows of one image; per kept tile it sums key dot products over heads.
     image = tl.program_id(1).to(tl.int64)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < num_tokens
     dims = tl.arange(0, BLOCK_D).to(tl.int64)
-    dim_ok = dims < head_dim
-    row_tile_ok = row_ok[:, None] & dim_ok[None, :]
     keys_image = keys_ptr + image * stride_keys_b
-
     row_square = tl.zeros((BLOCK_M,), tl.float32)
     keys_head = keys_image
     for _ in range(num_heads):
-        k_rows = tl.load(keys_head + rows[:, None] * stride_keys_n + dims[None, :] * stride_keys_d, mask=row_tile_ok, other=0.0)
-        k_rows = k_rows.to(tl.float32)
+        k_rows = load_head_rows(keys_head + rows[:, None] * stride_keys_n + dims[None, :] * stride_keys_d,
+                                rows, num_tokens, dims, HEAD_DIM, BLOCK_D, True).to(tl.float32)
         row_square += tl.sum(k_rows * k_rows, axis=1)
         keys_head += stride_keys_h
     # The floor of torch.nn.functional.normalize, so that a zero key gets similarity 0 everywhere.
     row_norm = tl.maximum(tl.sqrt(row_square), 1e-12)
-
-    best_sim = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    best_rank = tl.zeros((BLOCK_M,), tl.int32)
-    for first_rank in range(0, num_kept, BLOCK_K):
-        ranks = first_rank + tl.arange(0, BLOCK_K)
-        rank_ok = ranks < num_kept
-        cols = tl.load(keep_ptr + image * stride_keep_b + ranks.to(tl.int64) * stride_keep_r, mask=rank_ok, other=0)
-        col_tile_ok = rank_ok[:, None] & dim_ok[None, :]
-        dots = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
-        col_square = tl.zeros((BLOCK_K,), tl.float32)
-        keys_head = keys_image
-        for _ in range(num_heads):
-            k_rows = tl.load(keys_head + rows[:, None] * stride_keys_n + dims[None, :] * stride_keys_d, mask=row_tile_ok, other=0.0)
-            k_cols = tl.load(keys_head + cols[:, None] * stride_keys_n + dims[None, :] * stride_keys_d, mask=col_tile_ok, other=0.0)
-            dots = tl.dot(k_rows, tl.trans(k_cols), dots, input_precision="ieee")
-            k_cols = k_cols.to(tl.float32)
-            col_square += tl.sum(k_cols * k_cols, axis=1)
-            keys_head += stride_keys_h
-        col_norm = tl.maximum(tl.sqrt(col_square), 1e-12)
-        sim = dots / (row_norm[:, None] * col_norm[None, :])
-        sim = tl.where(rank_ok[None, :], sim, float("-inf"))
-        best_sim, best_rank = _fold_running_argmax(best_sim, best_rank, sim, first_rank)
-    tl.store(src_ptr + image * stride_src_b + rows * stride_src_n, best_rank.to(tl.int64), mask=row_ok)
+    best_rank = _best_kept_rank(
+        _key_cosine_tile,
+        (keys_image, stride_keys_h, stride_keys_n, stride_keys_d, row_norm, num_heads,
+         HEAD_DIM, BLOCK_D, DOT_PRECISION),
+        rows, num_tokens, keep_ptr + image * stride_keep_b, stride_keep_r, num_kept, BLOCK_M, BLOCK_K,
+    )
+    tl.store(src_ptr + image * stride_src_b + rows * stride_src_n, best_rank.to(tl.int64), mask=rows < num_tokens)
 
 
 def _match_blocks(reads_map: bool) -> tuple[int, int, int]:
@@ -375,8 +499,9 @@ def _recovery_source_into(
     if rule == "key_cosine":
         block_m, block_k, num_warps = _match_blocks(False)
         _match_key_cosine_kernel[(triton.cdiv(num_tokens, block_m), batch)](
-            keys, keep_idx, src, *keys.stride(), *index_args, keys.shape[1], keys.shape[3],
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=head_dim_block(keys.shape[3]), num_warps=num_warps,
+            keys, keep_idx, src, *keys.stride(), *index_args, keys.shape[1],
+            HEAD_DIM=keys.shape[3], BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=head_dim_block(keys.shape[3]),
+            DOT_PRECISION=dot_precision(keys.dtype), num_warps=num_warps,
         )
     elif attention_map is not None:
         block_m, block_k, num_warps = _match_blocks(True)
@@ -389,8 +514,9 @@ def _recovery_source_into(
         block_m, block_k, num_warps = _match_blocks(False)
         _match_from_qk_kernel[(triton.cdiv(num_tokens, block_m), batch)](
             queries, keys, lse, keep_idx, src, *queries.stride(), *keys.stride(), *lse.stride(), *index_args,
-            queries.shape[1], head_dim, head_dim**-0.5 if scale is None else scale,
-            **flags, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=head_dim_block(head_dim), num_warps=num_warps,
+            queries.shape[1], head_dim**-0.5 if scale is None else scale,
+            **flags, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=head_dim_block(head_dim),
+            DOT_PRECISION=dot_precision(queries.dtype), num_warps=num_warps,
         )
     own_rank = torch.arange(num_kept, device=keep_idx.device).expand(batch, num_kept)
     return src.scatter_(1, keep_idx, own_rank)
@@ -509,3 +635,47 @@ def scatter_recover(kept: torch.Tensor, src: torch.Tensor, backend: str = "auto"
     if resolve_backend(backend, kept, src) == "triton":
         return _scatter_recover_triton(kept, src, backend == "auto")
     return scatter_recover_ref(kept, src)
+
+
+def compose_sources(sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The full grid's source slots into the last pruning layer's kept tokens, (B, N) int64; see the docstring.
+
+    ``sources[0]`` is (B, N) into the first layer's k_0 kept tokens, ``sources[l]`` (B, k_{l-1}) into layer
+    l's kept tokens. A layer keeps at most the tokens it receives, so the widths N >= k_0 >= k_1 ... never
+    grow. The index values are not range-checked here: that would cost a device sync per call (torch.gather
+    checks them on the CPU).
+    """
+    if len(sources) == 0:
+        raise ValueError("compose_sources needs the sources of at least one pruning layer; got none")
+    batch = sources[0].shape[0] if sources[0].dim() == 2 else None
+    for layer, src in enumerate(sources):
+        if src.dim() != 2 or src.dtype != torch.int64 or src.shape[0] != batch:
+            raise ValueError(f"sources[{layer}] must be (B, width) int64 with the batch B of sources[0]; got "
+                             f"{tuple(src.shape)} {src.dtype}" + ("" if batch is None else f" for B={batch}"))
+    for layer in range(1, len(sources)):
+        received, kept = sources[layer - 1].shape[1], sources[layer].shape[1]
+        if not 1 <= kept <= received:
+            raise ValueError(f"sources[{layer}] has a column per token pruning layer {layer - 1} kept, which must "
+                             f"be 1 to the {received} tokens it received; got {kept}")
+    check_same_device(**{f"sources[{layer}]": src for layer, src in enumerate(sources)})
+    return compose_sources_ref(sources)
+
+
+def scatter_recover_delta(
+    kept_out: torch.Tensor,
+    cut_state: torch.Tensor,
+    cut_kept: torch.Tensor,
+    src: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Delta refill (B, N, C) from the kept rows at the end ``kept_out`` (B, k, C), the stream at the cut
+    ``cut_state`` (B, N, C), its kept rows then ``cut_kept`` (B, k, C) and the source slots ``src`` (B, N)."""
+    if (kept_out.dim() != 3 or cut_kept.shape != kept_out.shape or src.dim() != 2 or src.shape[0] != kept_out.shape[0]
+            or cut_state.shape != (kept_out.shape[0], src.shape[1], kept_out.shape[2])):
+        raise ValueError(f"expected kept_out and cut_kept (B, k, C), cut_state (B, N, C) and src (B, N); got kept_out "
+                         f"{tuple(kept_out.shape)}, cut_state {tuple(cut_state.shape)}, cut_kept "
+                         f"{tuple(cut_kept.shape)}, src {tuple(src.shape)}")
+    check_same_device(kept_out=kept_out, cut_state=cut_state, cut_kept=cut_kept, src=src)
+    # The difference on the k kept rows, then one copy: k * C subtractions instead of N * C.
+    return cut_state + scatter_recover(kept_out - cut_kept, src, backend=backend)
