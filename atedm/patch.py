@@ -31,11 +31,13 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from atedm_kernels import (
     attention_with_lse,
     attention_with_map,
+    compose_sources,
     gather_tokens,
     num_kept_tokens,
     one_pass_map_applies,
     plan_token_pruning,
     scatter_recover,
+    scatter_recover_delta,
 )
 
 from .compat import check_diffusers_version
@@ -279,13 +281,9 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> None:
             if block.active_ratio is None:
                 return None
             with state.overhead_scope():
-                src = block.src[0]
-                for later in block.src[1:]:
-                    src = torch.gather(later, 1, src)  # compose: full grid -> layer-1 kept -> ... -> last kept
+                src = compose_sources(block.src)  # every_layer: full grid -> ... -> the last layer's kept rows
                 if state.config.recovery == "delta":
-                    # Own state at the cut plus the match's change since: out_j - cut_j for kept j is
-                    # (output - cut_kept), copied to each token by the same source slots.
-                    full = block.cut_state + scatter_recover(output - block.cut_kept, src, backend=backend)
+                    full = scatter_recover_delta(output, block.cut_state, block.cut_kept, src, backend=backend)
                 else:
                     full = scatter_recover(output, src, backend=backend)
             block.pruned_calls += 1
