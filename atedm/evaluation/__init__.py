@@ -14,6 +14,9 @@ From Python, with your own metric models (any callables with the protocols' sign
     from atedm.evaluation import EvalSettings, run_evaluation
     run_evaluation(EvalSettings(model=..., captions=..., reference=..., out=...),
                    feature_extractor=my_features, clip_scorer=my_clip)
+
+or from the command line, under any launcher: ``--feature-extractor mylab.metrics:MyFeatures`` (a callable
+that takes the torch device and returns the model; ``--clip-scorer`` likewise).
 """
 
 from .backends import CleanFIDInception, OpenCLIPScore, TorchFidelityInception

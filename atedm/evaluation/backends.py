@@ -10,6 +10,9 @@
 * CLIP score: open_clip (``ViT-g-14`` / ``laion2b_s34b_b88k`` by default, any open_clip model / tag or a
   local checkpoint file).
 
+Your own models instead (``--feature-extractor`` / ``--clip-scorer module:callable``): imported by the
+process that computes the metrics and called with its device (``build_feature_extractor``).
+
 Offline machines: pass the weights as files (``--fid-weights``, ``--clip-pretrained /path/to/ckpt``) or
 fill the caches beforehand. Downloads run under a socket timeout (``--download-timeout``), so a machine
 without network gets a clear error instead of a hang; clean-fid's Inception file is downloaded here, to a
@@ -238,20 +241,42 @@ class OpenCLIPScore:
         return (image_embeds * text_embeds).sum(dim=-1).double().cpu().numpy()
 
 
-def default_feature_extractor(settings, device: str):
+def import_factory(spec: str, option: str):
+    """The callable that a ``module:callable`` spec names (``--feature-extractor``, ``--clip-scorer``)."""
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(f"{option} {spec}: cannot import {module_name} ({error}); is it on PYTHONPATH?") from error
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ValueError(f"{option} {spec}: module {module_name} has no callable {name!r}")
+    return factory
+
+
+def build_feature_extractor(settings, device: str):
+    """The run's FID features: ``settings.feature_extractor_factory``'s, else the ``fid_backend``'s."""
+    if settings.feature_extractor_factory is not None:
+        return import_factory(settings.feature_extractor_factory, "--feature-extractor")(device)
     if settings.fid_backend == "torch-fidelity":
         return TorchFidelityInception(device, settings.fid_weights, settings.download_timeout_s)
     return CleanFIDInception(device, settings.fid_mode, settings.fid_weights, settings.download_timeout_s)
 
 
-def default_clip_scorer(settings, device: str):
+def build_clip_scorer(settings, device: str):
+    """The run's CLIP score: ``settings.clip_scorer_factory``'s, else open_clip's."""
+    if settings.clip_scorer_factory is not None:
+        return import_factory(settings.clip_scorer_factory, "--clip-scorer")(device)
     return OpenCLIPScore(device, settings.clip_model, settings.clip_pretrained, settings.download_timeout_s)
 
 
 def check_default_metrics(settings, feature_extractor=None, clip_scorer=None, fetch: bool = False) -> None:
     """Before hours of generation: the default metric libraries import, the names are known, and (``fetch``)
-    their weights are on disk, downloaded now if missing. Injected extractors are not checked."""
-    if feature_extractor is None:
+    their weights are on disk, downloaded now if missing. Injected extractors are not checked; those named
+    by a ``module:callable`` setting are imported (a typo fails now, not after the images)."""
+    if feature_extractor is None and settings.feature_extractor_factory is not None:
+        import_factory(settings.feature_extractor_factory, "--feature-extractor")
+    elif feature_extractor is None:
         if settings.fid_backend == "clean-fid":
             import_backend("cleanfid.features", "clean-fid", "the default FID features (clean-fid)")
             if settings.fid_mode != "legacy_pytorch" and (fetch or settings.fid_weights is not None):
@@ -268,7 +293,9 @@ def check_default_metrics(settings, feature_extractor=None, clip_scorer=None, fe
                 except (OSError, RuntimeError) as error:
                     raise RuntimeError(f"could not download torch-fidelity's Inception weights ({error}). Is this "
                                        "machine offline? Pass them with --fid-weights.") from error
-    if clip_scorer is None:
+    if clip_scorer is None and settings.clip_scorer_factory is not None:
+        import_factory(settings.clip_scorer_factory, "--clip-scorer")
+    elif clip_scorer is None:
         open_clip = import_backend("open_clip", "open_clip_torch", "the default CLIP score (open_clip)")
         check_clip_names(open_clip, settings.clip_model, settings.clip_pretrained)
         if fetch and settings.clip_pretrained and not Path(settings.clip_pretrained).is_file():

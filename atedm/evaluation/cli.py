@@ -5,16 +5,22 @@ Stages (``--stage``):
 * ``all`` (default): generate, then compute the metrics. Under ``torchrun`` / ``accelerate launch``
   every rank generates its share; the other ranks then exit, and rank 0 waits until every image is on
   disk (polling the output folder, up to ``--wait-timeout`` seconds) and computes the metrics alone.
-  On several machines the output folder must be shared (or the images gathered into one folder).
+  The ranks share nothing but the output folder (no process group): on several machines it must be
+  shared (or the images gathered into one folder).
 * ``generate``: this rank's images only.
 * ``metrics``: FID / CLIP / TFLOPs from the images on disk; one process; every image must exist.
 
-Rerunning any stage is safe: finished images are kept, missing ones are generated.
+Rerunning any stage is safe: finished images are kept, missing ones are generated. A rank killed
+mid-run (or the whole job) loses at most the images it was writing; rerun the same command.
 
-Before generating, the stages that compute metrics check the default metric models (those not injected):
-their libraries import, the CLIP model and tag exist, and (on rank 0) their weights are on disk,
-downloaded now if missing, so a missing library, a typo or an offline machine fails in seconds, not after
-hours of generation. Offline: --fid-weights FILE and --clip-pretrained FILE (see ``backends``).
+Bad input is refused by every rank before any image is generated, with one ``error:`` line and exit
+status 2: the captions file, ``--num-images``, the model folder, the device, the configs (and a ToMe
+FLOPs budget the model cannot reach) and, for the stages that compute metrics, the reference folder,
+which every rank must therefore see. The process that computes the metrics also checks the default
+metric models (those not injected): their libraries import, the CLIP model and tag exist, and their
+weights are on disk, downloaded now if missing, so a missing library, a typo or an offline machine fails
+in seconds, not after hours of generation. Offline: --fid-weights FILE and --clip-pretrained FILE (see
+``backends``), or your own models with --feature-extractor / --clip-scorer module:callable.
 """
 
 from __future__ import annotations
@@ -23,26 +29,55 @@ import argparse
 
 import torch
 
-from .generate import RankInfo, generate_images, load_prompts, rank_from_env, wait_for_images
+from .generate import (
+    RankInfo,
+    check_model_folder,
+    generate_images,
+    load_prompts,
+    rank_device,
+    rank_from_env,
+    wait_for_images,
+)
 from .backends import check_default_metrics
 from .metrics import ClipScorer, FeatureExtractor, compute_metrics, reference_images
 from .settings import DTYPES, FID_BACKENDS, FID_MODES, STAGES, EvalSettings
 from .tflops import resolve_configs
 
 
+def check_inputs(settings: EvalSettings, stage: str, ranks: RankInfo, feature_extractor: FeatureExtractor | None = None,
+                 clip_scorer: ClipScorer | None = None) -> None:
+    """Raise on any input the run would fail on later, before an image is generated.
+
+    Every rank checks for itself: under a launcher, a rank that skipped a check would start generating
+    while the rank that failed it exits. Only the process that computes the metrics checks the metric
+    models: their libraries and names first, their weights (a download of minutes) after everything else.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    computes_metrics = stage == "metrics" or (stage == "all" and ranks.rank == 0)
+    if computes_metrics:
+        check_default_metrics(settings, feature_extractor, clip_scorer)
+    load_prompts(settings)
+    check_model_folder(settings.model)
+    rank_device(settings.device, ranks)
+    resolve_configs(settings)
+    if stage in ("all", "metrics"):
+        reference_images(settings.reference)
+    if computes_metrics:
+        check_default_metrics(settings, feature_extractor, clip_scorer, fetch=True)
+
+
 def run_evaluation(settings: EvalSettings, stage: str = "all", feature_extractor: FeatureExtractor | None = None,
                    clip_scorer: ClipScorer | None = None, pipe=None, ranks: RankInfo | None = None,
                    on_image_saved=None, progress: bool = True) -> dict | None:
     """Run a stage; returns the results dictionary on the process that computed metrics, else None."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     ranks = rank_from_env() if ranks is None else ranks
-    if stage in ("all", "metrics") and (stage == "metrics" or ranks.rank == 0):
-        # Checked first: a wrong --reference, a missing library or unreachable weights should not surface
-        # after the images. Only the rank that computes the metrics checks (and downloads).
-        reference_images(settings.reference)
-        resolve_configs(settings)  # an unreachable ToMe FLOPs budget, too
-        check_default_metrics(settings, feature_extractor, clip_scorer, fetch=True)
+    check_inputs(settings, stage, ranks, feature_extractor, clip_scorer)
+    return _run_checked(settings, stage, ranks, feature_extractor, clip_scorer, pipe, on_image_saved, progress)
+
+
+def _run_checked(settings: EvalSettings, stage: str, ranks: RankInfo, feature_extractor=None, clip_scorer=None,
+                 pipe=None, on_image_saved=None, progress: bool = True) -> dict | None:
     if stage in ("all", "generate"):
         generate_images(settings, pipe=pipe, ranks=ranks, on_image_saved=on_image_saved, progress=progress)
         if torch.cuda.is_available():
@@ -110,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-model", default="ViT-g-14", help="open_clip model of the CLIP score (default: ViT-g-14)")
     parser.add_argument("--clip-pretrained", default="laion2b_s34b_b88k",
                         help="open_clip pretrained tag, or a local checkpoint file (default: laion2b_s34b_b88k)")
+    parser.add_argument("--feature-extractor", metavar="MODULE:CALLABLE",
+                        help="your own FID features instead of --fid-backend's: called with the device, returns a "
+                             "FeatureExtractor (see atedm.evaluation.metrics); the module must be importable")
+    parser.add_argument("--clip-scorer", metavar="MODULE:CALLABLE",
+                        help="your own CLIP score instead of open_clip's: called with the device, returns a ClipScorer")
     parser.add_argument("--metrics-batch-size", type=int, default=32)
     parser.add_argument("--wait-timeout", type=float, default=3600.0,
                         help="seconds rank 0 waits for the other ranks' images before giving up (default: 3600)")
@@ -124,7 +164,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         cfg_scales=args.cfg_scales, num_images=args.num_images, seed=args.seed, steps=args.steps, height=args.height,
         width=args.width, batch_size=args.batch_size, device=args.device, dtype=args.dtype, backend=args.backend,
         fid_backend=args.fid_backend, fid_mode=args.fid_mode, fid_weights=args.fid_weights, clip_model=args.clip_model,
-        clip_pretrained=args.clip_pretrained, metrics_batch_size=args.metrics_batch_size, wait_timeout_s=args.wait_timeout,
+        clip_pretrained=args.clip_pretrained, feature_extractor_factory=args.feature_extractor,
+        clip_scorer_factory=args.clip_scorer, metrics_batch_size=args.metrics_batch_size, wait_timeout_s=args.wait_timeout,
         download_timeout_s=args.download_timeout,
     )
 
@@ -134,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
-    except ValueError as error:
-        parser.error(str(error))
-    run_evaluation(settings, args.stage)
+        ranks = rank_from_env()
+        check_inputs(settings, args.stage, ranks)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))  # bad input: one line on each rank and exit status 2, not a traceback
+    _run_checked(settings, args.stage, ranks)
 

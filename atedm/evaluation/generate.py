@@ -76,18 +76,22 @@ def rank_device(device: str, info: RankInfo) -> str:
     if device == "cuda" and info.local_rank is not None:
         device = f"cuda:{info.local_rank}"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA device; pass --device cpu to run on the CPU")
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; pass --device cpu to run on the CPU")
     return device
+
+
+def check_model_folder(model: str) -> None:
+    """A model that is spelled as a path must exist (anything else may be a hub id)."""
+    if not Path(model).exists() and model.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"model folder {model} does not exist")
 
 
 def load_pipeline(settings: EvalSettings, device: str):
     """The text-to-image pipeline of ``settings.model`` on ``device``, progress bar off."""
     from diffusers import AutoPipelineForText2Image
 
-    model = settings.model
-    if not Path(model).exists() and model.startswith(("/", "./", "../", "~")):
-        raise FileNotFoundError(f"model folder {model} does not exist")
-    pipe = AutoPipelineForText2Image.from_pretrained(model, torch_dtype=settings.torch_dtype)
+    check_model_folder(settings.model)
+    pipe = AutoPipelineForText2Image.from_pretrained(settings.model, torch_dtype=settings.torch_dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -281,12 +285,18 @@ def missing_images(settings: EvalSettings, prompts: list[Prompt]) -> dict[str, i
     return missing
 
 
-def wait_for_images(settings: EvalSettings, prompts: list[Prompt], poll_s: float = 30.0) -> None:
-    """Block until every image exists (the other ranks' too), or raise after ``settings.wait_timeout_s``."""
+def wait_for_images(settings: EvalSettings, prompts: list[Prompt], max_poll_s: float = 30.0) -> None:
+    """Block until every image exists (the other ranks' too), or raise after ``settings.wait_timeout_s``.
+
+    The folder is scanned again after 0.5 s, then at doubling intervals up to ``max_poll_s``: ranks
+    usually finish within a batch of each other, and a long wait should not stat every file each second.
+    """
     deadline = time.monotonic() + settings.wait_timeout_s
+    poll_s = 0.5
     while missing := missing_images(settings, prompts):
         if time.monotonic() >= deadline:
             raise TimeoutError(f"after {settings.wait_timeout_s:g} s still missing {missing}; when the other "
                                "ranks are done, run the same command with --stage metrics")
         print(f"[rank 0] waiting for {sum(missing.values())} images of the other ranks ...", file=sys.stderr)
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+        poll_s = min(2 * poll_s, max_poll_s)

@@ -29,9 +29,9 @@ from .backends import (  # noqa: F401  (re-exported: the default metric models l
     CleanFIDInception,
     OpenCLIPScore,
     TorchFidelityInception,
+    build_clip_scorer,
+    build_feature_extractor,
     check_default_metrics,
-    default_clip_scorer,
-    default_feature_extractor,
 )
 from .generate import check_manifest, image_path, load_prompts, missing_images, rank_device, rank_from_env
 from .prompts import Prompt
@@ -160,8 +160,8 @@ def compute_metrics(settings: EvalSettings, feature_extractor: FeatureExtractor 
     configs = resolve_configs(settings)
     flops = count_tflops(settings, configs)
     device = rank_device(settings.device, rank_from_env())
-    extractor = feature_extractor if feature_extractor is not None else default_feature_extractor(settings, device)
-    scorer = clip_scorer if clip_scorer is not None else default_clip_scorer(settings, device)
+    extractor = feature_extractor if feature_extractor is not None else build_feature_extractor(settings, device)
+    scorer = clip_scorer if clip_scorer is not None else build_clip_scorer(settings, device)
 
     reference_stats = gaussian_stats(extract_features(references, extractor, settings.metrics_batch_size))
     rows = []

@@ -19,6 +19,7 @@ Config names on the command line and in the results:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ TOME_MAX_DOWNSAMPLE = 2  # tomesd:<ratio>
 # tomesd@<target>: merge in every transformer block, the only ToMe setting that reaches AT-EDM's budgets.
 TOME_MATCHED = {"max_downsample": 4, "merge_crossattn": True, "merge_mlp": True}
 TOME_MAX_RATIO = 0.75  # one destination per 2x2 window: at most 3/4 of the tokens can merge
+FACTORY_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # module.path:callable
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,11 @@ class EvalSettings:
             ``inception-2015-12-05.pt`` or torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``.
         clip_model, clip_pretrained: the open_clip model of the default CLIP score; ``clip_pretrained`` is an
             open_clip tag or a local checkpoint file (no download).
+        feature_extractor_factory, clip_scorer_factory: your own metric models, as ``module:callable``
+            (e.g. ``mylab.metrics:DinoFeatures``): imported by the process that computes the metrics and
+            called with its torch device, like the built-in classes; the result follows the
+            ``FeatureExtractor`` / ``ClipScorer`` protocol and replaces the default model (and its options).
+            The command line's way to the models that ``run_evaluation`` takes as objects.
         metrics_batch_size: images per feature-extractor call.
         wait_timeout_s: how long rank 0 waits for the other ranks' images before computing metrics.
         download_timeout_s: socket timeout of the metric weights' downloads: offline, they fail instead of hanging.
@@ -195,6 +202,8 @@ class EvalSettings:
     fid_weights: Path | None = None
     clip_model: str = "ViT-g-14"
     clip_pretrained: str = "laion2b_s34b_b88k"
+    feature_extractor_factory: str | None = None
+    clip_scorer_factory: str | None = None
     metrics_batch_size: int = 32
     wait_timeout_s: float = 3600.0
     download_timeout_s: float = 60.0
@@ -242,6 +251,10 @@ class EvalSettings:
             raise ValueError(f"unknown clean-fid mode {self.fid_mode!r}; expected clean, legacy_tensorflow or legacy_pytorch")
         if self.fid_backend != "clean-fid" and self.fid_mode != "clean":
             raise ValueError(f"fid_mode {self.fid_mode!r} is a clean-fid mode; the {self.fid_backend} backend has none")
+        for name in ("feature_extractor_factory", "clip_scorer_factory"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and FACTORY_SPEC.fullmatch(value)):
+                raise ValueError(f"{name} must be 'module:callable' (e.g. mylab.metrics:DinoFeatures); got {value!r}")
         for name in ("wait_timeout_s", "download_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
