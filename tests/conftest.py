@@ -23,3 +23,10 @@ def _seed_per_test(request):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def assert_one_graph(fn, *args) -> None:
+    """torch.compile traces ``fn(*args)`` as one graph: the custom ops in it cause no graph break."""
+    explanation = torch._dynamo.explain(fn)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -6,25 +6,16 @@ On the CPU the kernel runs under the Triton interpreter (conftest sets TRITON_IN
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import assert_one_graph
+from op_inputs import DEVICE, DIFFUSERS_LAYOUT, DTYPES, laid_out, random_normal, random_qkv
 from tolerances import tol
 
 from atedm_kernels import attention_with_lse, attention_with_lse_ref
 from atedm_kernels.attention_lse import _attention_with_lse_launch
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=requires_cuda)]
-
-
-def _qkv(batch, heads, n_q, n_k, head_dim, dtype=torch.float32):
-    q = torch.randn(batch, heads, n_q, head_dim, device=DEVICE).to(dtype)
-    k = torch.randn(batch, heads, n_k, head_dim, device=DEVICE).to(dtype)
-    v = torch.randn(batch, heads, n_k, head_dim, device=DEVICE).to(dtype)
-    return q, k, v
-
 
 def test_reference_matches_softmax_formula():
-    q, k, v = _qkv(2, 3, 37, 29, 16)
+    q, k, v = random_qkv(2, 3, 37, 29, 16)
     scale = 0.3
     out, lse = attention_with_lse_ref(q, k, v, scale)
     scores = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
@@ -45,7 +36,7 @@ def test_reference_matches_softmax_formula():
     ],
 )
 def test_triton_matches_reference(dtype, batch, heads, n_q, n_k, head_dim):
-    q, k, v = _qkv(batch, heads, n_q, n_k, head_dim, dtype)
+    q, k, v = random_qkv(batch, heads, n_q, n_k, head_dim, dtype)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((batch, heads, n_q), float("nan"), device=DEVICE)
     _attention_with_lse_launch(q, k, v, head_dim**-0.5, out=out, lse=lse)
@@ -60,7 +51,7 @@ def test_triton_matches_reference(dtype, batch, heads, n_q, n_k, head_dim):
 def test_public_triton_path_with_diffusers_layout_and_scale(dtype):
     """diffusers hands over (B, N, H, d) views transposed to (B, H, N, d): non-contiguous strides."""
     batch, n, heads, head_dim = 2, 45, 2, 32
-    q, k, v = (torch.randn(batch, n, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2) for _ in range(3))
+    q, k, v = (random_normal((batch, n, heads, head_dim), dtype).transpose(1, 2) for _ in range(3))
     out, lse = attention_with_lse(q, k, v, scale=0.2, backend="triton")
     ref_out, ref_lse = attention_with_lse_ref(q, k, v, scale=0.2)
     torch.testing.assert_close(out.float(), ref_out.float(), **tol(dtype))
@@ -83,7 +74,7 @@ def test_bad_shapes_raise(shapes, match):
 
 
 def test_mixed_dtypes_raise():
-    q, k, v = _qkv(1, 1, 8, 8, 16)
+    q, k, v = random_qkv(1, 1, 8, 8, 16)
     with pytest.raises(ValueError, match="share a dtype"):
         attention_with_lse(q.half(), k, v, backend="triton")
 
@@ -92,7 +83,7 @@ def test_mixed_dtypes_raise():
 def test_no_keys_or_zero_head_dim_raise(n_k, head_dim):
     """Found by fuzzing: with no keys the kernel gave NaN, the reference 0 and the CPU flash path SIGFPE;
     d = 0 divided by zero in the default scale on both backends."""
-    q, k, v = _qkv(1, 2, 5, n_k, head_dim)
+    q, k, v = random_qkv(1, 2, 5, n_k, head_dim)
     for backend in ("torch", "triton"):
         with pytest.raises(ValueError, match="at least one key and a head dim"):
             attention_with_lse(q, k, v, backend=backend)
@@ -101,7 +92,7 @@ def test_no_keys_or_zero_head_dim_raise(n_k, head_dim):
 @pytest.mark.parametrize("heads, n_q", [(0, 5), (2, 0)])
 def test_empty_heads_or_queries_give_empty_results(heads, n_q):
     """Found by fuzzing: aten's CPU flash kernel (backend='torch' on CPU) died with SIGFPE on these."""
-    q, k, v = _qkv(1, heads, n_q, 7, 16)
+    q, k, v = random_qkv(1, heads, n_q, 7, 16)
     for backend in ("torch", "triton"):
         out, lse = attention_with_lse(q, k, v, backend=backend)
         assert out.shape == q.shape and lse.shape == q.shape[:3]
@@ -109,7 +100,7 @@ def test_empty_heads_or_queries_give_empty_results(heads, n_q):
 
 @pytest.mark.parametrize("scale", [0.0, -0.125])
 def test_triton_path_rejects_a_non_positive_scale(scale):
-    q, k, v = _qkv(1, 1, 8, 8, 16)
+    q, k, v = random_qkv(1, 1, 8, 8, 16)
     with pytest.raises(ValueError, match="positive softmax scale"):
         attention_with_lse(q, k, v, scale=scale, backend="triton")
 
@@ -119,10 +110,8 @@ def test_custom_op_keeps_a_compiled_caller_in_one_graph():
         out, lse = attention_with_lse(q, k, v, backend="triton")
         return out * 2, lse + 1
 
-    q, k, v = _qkv(1, 2, 20, 20, 16)
-    explanation = torch._dynamo.explain(attend)(q, k, v)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1
+    q, k, v = random_qkv(1, 2, 20, 20, 16)
+    assert_one_graph(attend, q, k, v)
 
 
 def test_fake_impl_gives_shapes_and_dtypes():
@@ -139,7 +128,7 @@ def test_fake_impl_gives_shapes_and_dtypes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_backend_on_cpu_matches_the_reference(dtype):
     """backend='torch' on CPU tensors runs PyTorch's fused CPU attention; it must agree with the spec."""
-    q, k, v = (torch.randn(2, 3, 77, 32).to(dtype).transpose(1, 2).contiguous().transpose(1, 2) for _ in range(3))
+    q, k, v = (laid_out(torch.randn(2, 3, 77, 32).to(dtype), DIFFUSERS_LAYOUT) for _ in range(3))
     out, lse = attention_with_lse(q, k, v, scale=0.2, backend="torch")
     ref_out, ref_lse = attention_with_lse_ref(q, k, v, scale=0.2)
     torch.testing.assert_close(out.float(), ref_out.float(), **tol(dtype))

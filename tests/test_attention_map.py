@@ -6,23 +6,13 @@ then apply to O(1) numbers, as they do for the other ops. On a GPU run ``TRITON_
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import assert_one_graph
+from op_inputs import DEVICE, DTYPES, random_normal, random_q_k_lse, row_lse
 from tolerances import tol
 
 from atedm_kernels import attention_with_lse_ref, attention_with_map, head_mean_attention_map, head_mean_attention_map_ref
 from atedm_kernels import attention_map as attention_map_module
 from atedm_kernels.attention_map import _head_mean_attention_map_launch, map_query_block
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=requires_cuda)]
-
-
-def _q_k_lse(batch, heads, n_q, n_k, head_dim, dtype=torch.float32, scale=None):
-    q = torch.randn(batch, heads, n_q, head_dim, device=DEVICE).to(dtype)
-    k = torch.randn(batch, heads, n_k, head_dim, device=DEVICE).to(dtype)
-    _, lse = attention_with_lse_ref(q, k, k, scale)
-    return q, k, lse
-
 
 def _map_tol(dtype, out_dtype):
     """The coarser of the input and the storage dtype: fp16 storage alone flips last bits (1e-3 relative)."""
@@ -30,7 +20,7 @@ def _map_tol(dtype, out_dtype):
 
 
 def test_reference_is_the_head_mean_of_softmax():
-    q, k, lse = _q_k_lse(2, 3, 21, 34, 16, scale=0.4)
+    q, k, lse = random_q_k_lse(2, 3, 21, 34, 16, scale=0.4)
     abar = head_mean_attention_map_ref(q, k, lse, scale=0.4)
     per_head = torch.softmax(torch.matmul(q.double(), k.double().transpose(-1, -2)) * 0.4, dim=-1)
     torch.testing.assert_close(abar.double(), per_head.mean(dim=1), **tol(torch.float32))
@@ -49,7 +39,7 @@ def test_reference_is_the_head_mean_of_softmax():
     ],
 )
 def test_triton_matches_reference(dtype, out_dtype, batch, heads, n_q, n_k, head_dim):
-    q, k, lse = _q_k_lse(batch, heads, n_q, n_k, head_dim, dtype)
+    q, k, lse = random_q_k_lse(batch, heads, n_q, n_k, head_dim, dtype)
     abar = torch.full((batch, n_q, n_k), float("nan"), dtype=out_dtype, device=DEVICE)
     _, partials = _head_mean_attention_map_launch(q, k, lse, head_dim**-0.5, out_dtype, column_sums=True, out=abar)
     assert torch.isfinite(abar).all(), "kernel left poisoned elements unwritten"
@@ -65,8 +55,8 @@ def test_triton_matches_reference(dtype, out_dtype, batch, heads, n_q, n_k, head
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_public_triton_path_with_diffusers_layout_and_scale(dtype):
     batch, n, heads, head_dim = 2, 41, 3, 16
-    q, k = (torch.randn(batch, n, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2) for _ in range(2))
-    _, lse = attention_with_lse_ref(q, k, k, scale=0.3)
+    q, k = (random_normal((batch, n, heads, head_dim), dtype).transpose(1, 2) for _ in range(2))
+    lse = row_lse(q, k, scale=0.3)
     abar = head_mean_attention_map(q, k, lse, scale=0.3, out_dtype=torch.float16, backend="triton")
     ref = head_mean_attention_map_ref(q, k, lse, scale=0.3, out_dtype=torch.float16)
     assert abar.shape == (batch, n, n) and abar.dtype == torch.float16
@@ -74,7 +64,7 @@ def test_public_triton_path_with_diffusers_layout_and_scale(dtype):
 
 
 def test_bad_shapes_raise():
-    q, k, lse = _q_k_lse(1, 2, 8, 8, 16)
+    q, k, lse = random_q_k_lse(1, 2, 8, 8, 16)
     with pytest.raises(ValueError, match="lse must be"):
         head_mean_attention_map(q, k, lse[:, :1], backend="triton")
     with pytest.raises(ValueError, match="q and k must be"):
@@ -98,10 +88,8 @@ def test_custom_op_keeps_a_compiled_caller_in_one_graph():
     def most_attended(q, k, lse):
         return head_mean_attention_map(q, k, lse, out_dtype=torch.float16, backend="triton").float().sum(dim=1)
 
-    q, k, lse = _q_k_lse(1, 2, 20, 20, 16)
-    explanation = torch._dynamo.explain(most_attended)(q, k, lse)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1
+    q, k, lse = random_q_k_lse(1, 2, 20, 20, 16)
+    assert_one_graph(most_attended, q, k, lse)
 
 
 def test_fake_impl_gives_shape_and_dtype():
@@ -126,9 +114,8 @@ ONE_PASS_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def test_attention_with_map_matches_two_pass_reference(monkeypatch, dtype, chunk_bytes, batch, heads, n_q, n_k, head_dim):
     monkeypatch.setattr(attention_map_module, "_ONE_PASS_CHUNK_BYTES", chunk_bytes)
     # Strided views, as the processor passes them: (B, N, H, d) storage seen as (B, H, N, d).
-    q = torch.randn(batch, n_q, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
-    k = torch.randn(batch, n_k, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
-    v = torch.randn(batch, n_k, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
+    q = random_normal((batch, n_q, heads, head_dim), dtype).transpose(1, 2)
+    k, v = (random_normal((batch, n_k, heads, head_dim), dtype).transpose(1, 2) for _ in range(2))
     scale = 0.3
     out, abar = attention_with_map(q, k, v, scale)
     ref_out, ref_lse = attention_with_lse_ref(q, k, v, scale)

@@ -39,13 +39,32 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
 from unittest import mock
 
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, note, seed, settings
 from hypothesis import strategies as st
+from op_inputs import (
+    DEVICE,
+    FLOAT_DTYPES,
+    MAP_RULES,
+    ON_CUDA,
+    Layout,
+    laid_out,
+    layouts,
+    place,
+    poisoned_row_copy,
+    poisoned_source,
+    poisoned_topk,
+    random_keep,
+    random_normal,
+    random_q_k_lse,
+    random_qkv,
+    random_row_stochastic,
+    tie_free_scores,
+    tie_safe_rows,
+)
 from tolerances import tol
 
 from atedm_kernels import (
@@ -74,13 +93,7 @@ from atedm_kernels import gwpr, recovery, topk_gather
 from atedm_kernels.attention_lse import _attention_with_lse_launch
 from atedm_kernels.attention_map import _head_mean_attention_map_launch, head_probabilities, map_query_block
 from atedm_kernels.gwpr import _map_power_step, _weighted_column_sums
-from atedm_kernels.recovery import _recovery_source_into, _similarity_to_kept
-from atedm_kernels.topk_gather import _gather_rows_into, _topk_keep_indices_into
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ON_CUDA = DEVICE.type == "cuda"
-FLOAT_DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if ON_CUDA else ())
-MAP_RULES = ("attention", "attention_transposed", "symmetric")
 HEAD_DIMS = (16, 32, 40, 64)
 
 # ---------------------------------------------------------------- hypothesis settings
@@ -153,100 +166,12 @@ signed_scales = st.one_of(st.none(), st.floats(0.05, 0.5), st.floats(-0.5, -0.05
 # rounding of probabilities near 1 are tested.
 sharpness = st.sampled_from((1.0, 1.0, 4.0))
 
-
-# ---------------------------------------------------------------- memory layouts
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a logical tensor lives: storage dim i holds logical dim ``order[i]``; logical dim d is taken
-    from ``offsets[d]`` with a step of ``steps[d]``; the dims in ``expanded`` broadcast one slice (stride 0)."""
-
-    order: tuple
-    steps: tuple
-    offsets: tuple
-    expanded: tuple = ()
-
-
-@st.composite
-def layouts(draw, ndim: int, expandable: tuple = ()):
-    identity = tuple(range(ndim))
-    kinds = ("contiguous", "diffusers", "strided", "strided") if ndim == 4 else ("contiguous", "strided", "strided")
-    kind = draw(st.sampled_from(kinds))
-    if kind == "contiguous":
-        return Layout(identity, (1,) * ndim, (0,) * ndim)
-    if kind == "diffusers":  # (B, N, H, d) storage seen as (B, H, N, d)
-        return Layout((0, 2, 1, 3), (1,) * 4, (0,) * 4)
-    order = tuple(draw(st.permutations(identity)))
-    steps = tuple(draw(st.lists(st.sampled_from((1, 1, 2, 3)), min_size=ndim, max_size=ndim)))
-    offsets = tuple(draw(st.lists(st.integers(0, 2), min_size=ndim, max_size=ndim)))
-    expanded = tuple(d for d in expandable if draw(st.integers(0, 3)) == 0)
-    return Layout(order, steps, offsets, expanded)
-
-
-def _gap_fill(dtype: torch.dtype):
-    """The poison of storage gaps and outputs. bool has no value outside the data (True it is): unwritten
-    rows show up in the float and int cases of the same kernel."""
-    return float("nan") if dtype.is_floating_point else (-7 if dtype != torch.bool else True)
-
-
-@dataclass
-class Placed:
-    """A view laid out as a Layout says, with the storage around it and the view's footprint in it."""
-
-    view: torch.Tensor
-    storage: torch.Tensor
-    footprint: torch.Tensor
-
-    def assert_outside_untouched(self, fill) -> None:
-        outside = self.storage[~self.footprint]
-        untouched = outside.isnan() if isinstance(fill, float) and math.isnan(fill) else outside == fill
-        assert untouched.all(), "a kernel wrote outside its output view"
-
-
-def place(values: torch.Tensor, layout: Layout, fill=None) -> Placed:
-    """``values`` (logical shape) copied into a view with ``layout``; the rest of the storage holds ``fill``
-    (NaN for floats by default). Expanded dims keep values' first slice along them."""
-    fill = _gap_fill(values.dtype) if fill is None else fill
-    shape = values.shape
-    for d in layout.expanded:
-        values = values.narrow(d, 0, 1)
-    padded = [values.shape[d] * layout.steps[d] + layout.offsets[d] for d in range(values.dim())]
-    inverse = [layout.order.index(d) for d in range(values.dim())]
-    storage = torch.full([padded[d] for d in layout.order], fill, dtype=values.dtype, device=values.device)
-    footprint = torch.zeros(storage.shape, dtype=torch.bool, device=values.device)
-    window = tuple(slice(o, o + n * s, s) for o, n, s in zip(layout.offsets, values.shape, layout.steps))
-    view = storage.permute(inverse)[window]
-    view.copy_(values)
-    footprint.permute(inverse)[window] = True
-    return Placed(view.expand(shape), storage, footprint)
-
-
-def laid_out(values: torch.Tensor, layout: Layout) -> torch.Tensor:
-    return place(values, layout).view
-
-
-def randn(gen: torch.Generator, shape, dtype=torch.float32, amplitude=1.0) -> torch.Tensor:
-    return (torch.randn(shape, generator=gen) * amplitude).to(DEVICE, dtype)
-
-
-def first_layer(gen, batch, heads, n, head_dim, dtype, scale, q_layout, k_layout, lse_layout, sharp=1.0):
-    """Queries (times ``sharp``) and keys in the given layouts and the fp32 row log-sum-exp of their attention."""
-    q = laid_out(randn(gen, (batch, heads, n, head_dim), dtype, sharp), q_layout)
-    k = laid_out(randn(gen, (batch, heads, n, head_dim), dtype), k_layout)
-    _, lse = attention_with_lse_ref(q, k, k, scale)
-    return q, k, laid_out(lse, lse_layout)
+# ---------------------------------------------------------------- tile choices and score tolerance
 
 
 def tile_sizes(module, name: str, value):
     """Patch a launcher's Python-side tile choice (None: keep the interpreter's own)."""
     return nullcontext() if value is None else mock.patch.object(module, name, lambda *args, **kwargs: value)
-
-
-def random_keep(gen, batch: int, n: int, k: int) -> torch.Tensor:
-    """Ascending kept indices, as top-k hands them over: the k best of a random permutation per image."""
-    permutations = torch.rand(batch, n, generator=gen).argsort(dim=-1).float()  # also for batch 0
-    return topk_keep_indices_ref(permutations, k).to(DEVICE)
 
 
 def assert_scores_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
@@ -278,9 +203,8 @@ def test_attention_with_lse(
 ):
     batch, heads, n_q, n_k, head_dim = shape
     gen = torch.Generator().manual_seed(seed)
-    q = laid_out(randn(gen, (batch, heads, n_q, head_dim), dtype, sharp), q_layout)
-    k = laid_out(randn(gen, (batch, heads, n_k, head_dim), dtype), k_layout)
-    v = laid_out(randn(gen, (batch, heads, n_k, head_dim), dtype), v_layout)
+    q, k, v = random_qkv(batch, heads, n_q, n_k, head_dim, dtype, generator=gen, sharp=sharp,
+                         q_layout=q_layout, k_layout=k_layout, v_layout=v_layout)
     ref_out, ref_lse = attention_with_lse_ref(q, k, v, scale)
     if poisoned:
         out = place(torch.full_like(ref_out, float("nan")), out_layout)
@@ -314,9 +238,8 @@ def test_attention_torch_backend_on_cpu(shape, dtype, scale, q_layout, k_layout,
     interpreter involved): it must meet the same tolerances against the fp32 reference as the kernel."""
     batch, heads, n_q, n_k, head_dim = shape
     gen = torch.Generator().manual_seed(seed)
-    q = laid_out(randn(gen, (batch, heads, n_q, head_dim), dtype, sharp), q_layout)
-    k = laid_out(randn(gen, (batch, heads, n_k, head_dim), dtype), k_layout)
-    v = laid_out(randn(gen, (batch, heads, n_k, head_dim), dtype), v_layout)
+    q, k, v = random_qkv(batch, heads, n_q, n_k, head_dim, dtype, generator=gen, sharp=sharp,
+                         q_layout=q_layout, k_layout=k_layout, v_layout=v_layout)
     out, lse = attention_with_lse(q, k, v, scale, backend="torch")
     ref_out, ref_lse = attention_with_lse_ref(q, k, v, scale)
     assert out.shape == q.shape and out.dtype == dtype and lse.dtype == torch.float32
@@ -346,10 +269,8 @@ def test_head_mean_attention_map(
 ):
     batch, heads, n_q, n_k, head_dim = shape
     gen = torch.Generator().manual_seed(seed)
-    q = laid_out(randn(gen, (batch, heads, n_q, head_dim), dtype, sharp), q_layout)
-    k = laid_out(randn(gen, (batch, heads, n_k, head_dim), dtype), k_layout)
-    _, lse = attention_with_lse_ref(q, k, k, scale)
-    lse = laid_out(lse, lse_layout)
+    q, k, lse = random_q_k_lse(batch, heads, n_q, n_k, head_dim, dtype, scale, generator=gen, sharp=sharp,
+                               q_layout=q_layout, k_layout=k_layout, lse_layout=lse_layout)
     ref = head_mean_attention_map_ref(q, k, lse, scale, out_dtype)
     # Map entries are ~1/Nk: compare Nk * Abar under the coarser of the input and the storage tolerance.
     map_tol = max(tol(dtype), tol(out_dtype), key=lambda t: t["atol"])
@@ -394,13 +315,11 @@ def gwpr_cases(draw, passes_per_iteration: int):
 def test_gwpr_mean_over_a_given_map(case, dtype, map_kind, map_dtype, map_layout, seed):
     iterations, (batch, heads, n, _, head_dim) = case
     gen = torch.Generator().manual_seed(seed)
-    contiguous3, contiguous4 = Layout((0, 1, 2), (1,) * 3, (0,) * 3), Layout((0, 1, 2, 3), (1,) * 4, (0,) * 4)
-    q, k, lse = first_layer(gen, batch, heads, n, head_dim, dtype, None, contiguous4, contiguous4, contiguous3)
+    q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype, generator=gen)
     if map_kind == "attention":
         amap = head_mean_attention_map_ref(q, k, lse, out_dtype=map_dtype)
     else:
-        amap = torch.rand(batch, n, n, generator=gen).to(DEVICE) + 0.05
-        amap = (amap / amap.sum(dim=-1, keepdim=True)).to(map_dtype)
+        amap = random_row_stochastic(batch, n, generator=gen).to(map_dtype)
     amap = laid_out(amap, map_layout)
     got = gwpr_scores(q, k, lse, iterations, "mean", attention_map=amap, backend="triton")
     # Both sides walk the same map in fp32; only the summation order differs.
@@ -423,7 +342,8 @@ def test_gwpr_mean_without_a_map(case, materialize, dtype, scale, q_layout, k_la
     """Both sides of ``materialize_attention_map``: build Abar (step 1 from its column sums) or recompute."""
     iterations, (batch, heads, n, _, head_dim) = case
     gen = torch.Generator().manual_seed(seed)
-    q, k, lse = first_layer(gen, batch, heads, n, head_dim, dtype, scale, q_layout, k_layout, lse_layout, sharp)
+    q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype, scale, generator=gen, sharp=sharp,
+                               q_layout=q_layout, k_layout=k_layout, lse_layout=lse_layout)
     with mock.patch.object(gwpr, "materialize_attention_map", lambda *args, **kwargs: materialize):
         got = gwpr_scores(q, k, lse, iterations, "mean", scale, backend="triton")
     assert_scores_close(got, gwpr_scores_ref(q, k, lse, iterations, "mean", scale), dtype)
@@ -443,7 +363,8 @@ def test_gwpr_mean_without_a_map(case, materialize, dtype, scale, q_layout, k_la
 def test_gwpr_rms(case, dtype, scale, q_layout, k_layout, lse_layout, sharp, seed):
     iterations, (batch, heads, n, _, head_dim) = case
     gen = torch.Generator().manual_seed(seed)
-    q, k, lse = first_layer(gen, batch, heads, n, head_dim, dtype, scale, q_layout, k_layout, lse_layout, sharp)
+    q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype, scale, generator=gen, sharp=sharp,
+                               q_layout=q_layout, k_layout=k_layout, lse_layout=lse_layout)
     got = gwpr_scores(q, k, lse, iterations, "rms", scale, backend="triton")
     assert_scores_close(got, gwpr_scores_ref(q, k, lse, iterations, "rms", scale), dtype)
 
@@ -466,15 +387,15 @@ def test_gwpr_step_kernels_write_every_score(shape, kernel, dtype, operand_layou
     q_layout, k_layout, lse_layout, map_layout = operand_layouts
     gen = torch.Generator().manual_seed(seed)
     if kernel == "map_power_step":
-        amap = torch.rand(batch, n, n, generator=gen) + 0.05
-        amap = laid_out((amap / amap.sum(dim=-1, keepdim=True)).to(DEVICE, dtype), map_layout)
+        amap = laid_out(random_row_stochastic(batch, n, generator=gen).to(dtype), map_layout)
         state = laid_out(torch.rand(batch, 1, n, generator=gen).to(DEVICE), state_layout)[:, 0]
         expected = torch.einsum("bi,bij->bj", state, amap.float())
         out = place(torch.full((batch, 1, n), float("nan"), device=DEVICE), out_layout)
         _map_power_step(amap, state, out=out.view[:, 0])
         check_dtype = torch.float32  # the same map values summed in another order
     else:
-        q, k, lse = first_layer(gen, batch, heads, n, head_dim, dtype, None, q_layout, k_layout, lse_layout)
+        q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype, generator=gen,
+                                   q_layout=q_layout, k_layout=k_layout, lse_layout=lse_layout)
         state = laid_out(torch.rand(batch, heads, n, generator=gen).to(DEVICE), state_layout)
         expected = torch.einsum("bhi,bhij->bhj", state, head_probabilities(q, k, lse, head_dim**-0.5))
         out = place(torch.full((batch, heads, n), float("nan"), device=DEVICE), out_layout)
@@ -502,9 +423,7 @@ def score_rows(draw, batch: int, n: int, gen: torch.Generator):
     kind = draw(st.sampled_from(("permutation", "permutation", "ties", "gaussian", "special", "special")))
     dtype = draw(st.sampled_from(FLOAT_DTYPES))
     if kind == "permutation":
-        # Distinct multiples of 1/8 with |x| <= 37.5: exact in fp16 (11 significant bits) and fp32.
-        perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(batch)]).float()
-        scores = (perms - n / 2) * 0.125 + draw(st.sampled_from((0.0, 100.0, -1000.0)))
+        scores = tie_free_scores(batch, n, generator=gen) + draw(st.sampled_from((0.0, 100.0, -1000.0)))
         dtype = torch.float32 if scores.abs().max() > 64 else dtype  # keep the shifted rows exact
     elif kind == "ties":
         scores = torch.randint(-2, 3, (batch, n), generator=gen).float()
@@ -545,9 +464,7 @@ def test_topk_keep_indices(n, batch, data, scores_layout, block, cfg_mode, poiso
     block = block if block is not None and batch * -(-n // block) <= 8 else None
     with tile_sizes(topk_gather, "_topk_block", None if block is None else (block, 4)):
         if poisoned:
-            out = place(torch.full((batch, k), -1, dtype=torch.int64, device=DEVICE), keep_layout, fill=-7)
-            keep = _topk_keep_indices_into(out.view, scores, k)
-            out.assert_outside_untouched(-7)
+            keep = poisoned_topk(scores, k, keep_layout)
         else:
             keep = topk_keep_indices(scores, k, backend="triton")
     assert torch.equal(keep, expected)
@@ -592,14 +509,11 @@ def test_gather_tokens(n, batch, channels, dtype, data, x_layout, keep_layout, p
     gen = torch.Generator().manual_seed(seed)
     k = data.draw(st.integers(1, n), label="k")
     x = laid_out(random_rows(gen, (batch, n, channels), dtype), x_layout)
-    keep = place(random_keep(gen, batch, n, k), keep_layout, fill=0).view
+    keep = place(random_keep(batch, n, k, generator=gen), keep_layout, fill=0).view
     expected = gather_tokens_ref(x, keep)
     with tile_sizes(topk_gather, "_row_copy_blocks", affordable_copy_blocks(blocks, batch, k, channels)):
         if poisoned:
-            fill = _gap_fill(dtype)
-            out = place(torch.full((batch, k, channels), fill, dtype=dtype, device=DEVICE), out_layout, fill=fill)
-            got = _gather_rows_into(out.view, x, keep)
-            out.assert_outside_untouched(fill)
+            got = poisoned_row_copy(x, keep, out_layout)
         else:
             got = gather_tokens(x, keep, backend="triton")
     assert torch.equal(got, expected)  # a NaN left anywhere fails equality
@@ -627,32 +541,13 @@ def test_scatter_recover(n, batch, channels, dtype, data, kept_layout, src_layou
     expected = scatter_recover_ref(kept, src)
     with tile_sizes(topk_gather, "_row_copy_blocks", affordable_copy_blocks(blocks, batch, n, channels)):
         if poisoned:
-            fill = _gap_fill(dtype)
-            full = place(torch.full((batch, n, channels), fill, dtype=dtype, device=DEVICE), out_layout, fill=fill)
-            got = _gather_rows_into(full.view, kept, src)
-            full.assert_outside_untouched(fill)
+            got = poisoned_row_copy(kept, src, out_layout)
         else:
             got = scatter_recover(kept, src, backend="triton")
     assert torch.equal(got, expected)
 
 
 # ---------------------------------------------------------------- recovery_source
-
-# Relative gap between a row's best and second-best kept similarity below which the recompute and cosine
-# matches may legitimately disagree with the reference (fp32 dots summed in another order: ~1e-6).
-NEAR_TIE_MARGIN = 1e-4
-
-
-def tie_safe_rows(sim: torch.Tensor, keep: torch.Tensor, margin: float) -> torch.Tensor:
-    """(B, N) bool: rows whose reference argmax cannot flip under relative errors below ``margin``.
-    Kept rows take their own rank whatever the similarity; with one kept token every row is safe."""
-    batch, n, k = sim.shape
-    safe = torch.ones(batch, n, dtype=torch.bool, device=sim.device)
-    if k >= 2:
-        top2 = sim.topk(2, dim=-1).values
-        safe = (top2[..., 0] - top2[..., 1]) > margin * top2[..., 0].abs().clamp_min(1e-30)
-    return safe.scatter(1, keep, True)
-
 
 def assert_same_source(got: torch.Tensor, expected: torch.Tensor, safe: torch.Tensor, k: int) -> None:
     assert got.shape == expected.shape and got.dtype == torch.int64
@@ -664,16 +559,10 @@ def assert_same_source(got: torch.Tensor, expected: torch.Tensor, safe: torch.Te
 
 
 def match(poisoned: bool, src_layout: Layout, keep, n: int, rule: str, **operands) -> torch.Tensor:
-    """The Triton match, through the public op or into a poisoned (-1) source buffer laid out as given."""
+    """The Triton match, through the public op or into a poisoned source buffer laid out as given."""
     if not poisoned:
         return recovery_source(keep, n, rule, backend="triton", **operands)
-    src = place(torch.full((keep.shape[0], n), -1, dtype=torch.int64, device=DEVICE), src_layout, fill=-7)
-    _recovery_source_into(
-        src.view, keep, n, rule, operands.get("attention_map"), operands.get("keys"), operands.get("queries"),
-        operands.get("lse"), operands.get("scale"),
-    )
-    src.assert_outside_untouched(-7)
-    return src.view
+    return poisoned_source(keep, n, rule, layout=src_layout, **operands)
 
 
 match_blocks = st.sampled_from((None, (16, 16, 4), (16, 64, 4), (32, 16, 4), (64, 32, 4)))
@@ -708,24 +597,18 @@ def test_recovery_source_from_a_map(
     gen = torch.Generator().manual_seed(seed)
     k = data.draw(st.integers(1, n), label="k")
     if map_kind == "attention":
-        q, k_, lse = (t.to(DEVICE) for t in _small_first_layer(gen, batch, n))
+        q, k_, lse = random_q_k_lse(batch, 2, n, n, 16, generator=gen)
         amap = head_mean_attention_map_ref(q, k_, lse, out_dtype=map_dtype)
     elif map_kind == "uniform":
         amap = torch.rand(batch, n, n, generator=gen).to(DEVICE, map_dtype)
     else:
         amap = torch.randint(0, 3, (batch, n, n), generator=gen).to(DEVICE, map_dtype)
     amap = laid_out(amap, map_layout)
-    keep = place(random_keep(gen, batch, n, k), keep_layout, fill=0).view
+    keep = place(random_keep(batch, n, k, generator=gen), keep_layout, fill=0).view
     expected = recovery_source_ref(keep, n, rule, attention_map=amap)
     with tile_sizes(recovery, "_match_blocks", affordable_match_blocks(blocks, n, k)):
         got = match(poisoned, src_layout, keep, n, rule, attention_map=amap)
     assert_same_source(got, expected, torch.ones_like(expected, dtype=torch.bool), k)
-
-
-def _small_first_layer(gen, batch, n, heads=2, head_dim=16):
-    q = torch.randn(batch, heads, n, head_dim, generator=gen)
-    k = torch.randn(batch, heads, n, head_dim, generator=gen)
-    return q, k, attention_with_lse_ref(q, k, k)[1]
 
 
 @st.composite
@@ -762,11 +645,12 @@ def test_recovery_source_recomputed(
     """The map-free mode: kept columns of Abar rebuilt from Q, K and lse."""
     batch, heads, n, k, head_dim = data.draw(match_cases(2 if rule == "symmetric" else 1))
     gen = torch.Generator().manual_seed(seed)
-    q, keys, lse = first_layer(gen, batch, heads, n, head_dim, dtype, scale, q_layout, k_layout, lse_layout, sharp)
-    keep = place(random_keep(gen, batch, n, k), keep_layout, fill=0).view
+    q, keys, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype, scale, generator=gen, sharp=sharp,
+                                  q_layout=q_layout, k_layout=k_layout, lse_layout=lse_layout)
+    keep = place(random_keep(batch, n, k, generator=gen), keep_layout, fill=0).view
     operands = dict(queries=q, keys=keys, lse=lse, scale=scale)
     expected = recovery_source_ref(keep, n, rule, **operands)
-    safe = tie_safe_rows(_similarity_to_kept(slice(0, n), keep, rule, None, keys, q, lse, scale), keep, NEAR_TIE_MARGIN)
+    safe = tie_safe_rows(keep, n, rule, **operands)
     with tile_sizes(recovery, "_match_blocks", affordable_match_blocks(blocks, n, k)):
         got = match(poisoned, src_layout, keep, n, rule, **operands)
     assert_same_source(got, expected, safe, k)
@@ -786,10 +670,10 @@ def test_recovery_source_recomputed(
 def test_recovery_source_key_cosine(data, dtype, keys_layout, keep_layout, poisoned, src_layout, blocks, seed):
     batch, heads, n, k, head_dim = data.draw(match_cases(1))
     gen = torch.Generator().manual_seed(seed)
-    keys = laid_out(randn(gen, (batch, heads, n, head_dim), dtype), keys_layout)
-    keep = place(random_keep(gen, batch, n, k), keep_layout, fill=0).view
+    keys = laid_out(random_normal((batch, heads, n, head_dim), dtype, generator=gen), keys_layout)
+    keep = place(random_keep(batch, n, k, generator=gen), keep_layout, fill=0).view
     expected = recovery_source_ref(keep, n, "key_cosine", keys=keys)
-    safe = tie_safe_rows(_similarity_to_kept(slice(0, n), keep, "key_cosine", None, keys), keep, NEAR_TIE_MARGIN)
+    safe = tie_safe_rows(keep, n, "key_cosine", keys=keys)
     with tile_sizes(recovery, "_match_blocks", affordable_match_blocks(blocks, n, k)):
         got = match(poisoned, src_layout, keep, n, "key_cosine", keys=keys)
     assert_same_source(got, expected, safe, k)
@@ -838,8 +722,7 @@ def test_plan_token_pruning(cfg_mode, head_reduction, similarity, iterations, dt
     where the best match beats the runner-up by more than fp16's rounding can move them."""
     batch, heads, n, head_dim = data.draw(plan_shapes(cfg_mode, iterations))
     gen = torch.Generator().manual_seed(seed)
-    lse_layout = Layout((0, 1, 2), (1,) * 3, (0,) * 3)
-    q, k, lse = first_layer(gen, batch, heads, n, head_dim, dtype, None, layout, layout, lse_layout)
+    q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype, generator=gen, q_layout=layout, k_layout=layout)
     ref_scores = share_cfg_scores(gwpr_scores_ref(q, k, lse, iterations, head_reduction), cfg_mode)
     fp16 = tol(torch.float16)  # the Triton plan's map is fp16 whatever the inputs' dtype
     wanted = num_kept_tokens(n, prune_ratio)
@@ -852,9 +735,9 @@ def test_plan_token_pruning(cfg_mode, head_reduction, similarity, iterations, dt
     if cfg_mode == "shared_cond":
         assert torch.equal(keep[: batch // 2], keep[batch // 2 :])
     amap = head_mean_attention_map_ref(q, k, lse) if similarity != "key_cosine" else None
-    sim = _similarity_to_kept(slice(0, n), ref_keep, similarity, amap, k)
     # fp16 map entries carry a relative error up to 2^-11; 4x that cannot flip a row's argmax.
-    assert_same_source(src, ref_src, tie_safe_rows(sim, ref_keep, 4 * 2.0**-11), num_keep)
+    safe = tie_safe_rows(ref_keep, n, similarity, 4 * 2.0**-11, attention_map=amap, keys=k)
+    assert_same_source(src, ref_src, safe, num_keep)
 
 
 # ---------------------------------------------------------------- num_kept_tokens
@@ -1045,7 +928,10 @@ def degenerate_calls(draw):
         kept, src = torch.randn(b, k, c, device=DEVICE), _valid_indices((b, n), k)
         return op, lambda backend: scatter_recover(kept, src, backend=backend), lambda: scatter_recover_ref(kept, src)
     rule = draw(st.sampled_from(SIMILARITY_RULES))
-    keep = random_keep(torch.Generator().manual_seed(0), b, n, k) if 1 <= k <= n else _valid_indices((b, k), n)
+    if 1 <= k <= n:
+        keep = random_keep(b, n, k, generator=torch.Generator().manual_seed(0))
+    else:
+        keep = _valid_indices((b, k), n)
     mode = "keys" if rule == "key_cosine" else draw(st.sampled_from(("map", "recompute")))
     operands = {
         "keys": dict(keys=q),

@@ -7,11 +7,11 @@ tolerances apply to O(1) numbers. On a GPU run ``TRITON_INTERPRET=0``.
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import assert_one_graph
+from op_inputs import DEVICE, DTYPES, random_q_k_lse, random_row_stochastic
 from tolerances import tol
 
 from atedm_kernels import (
-    attention_with_lse_ref,
     gwpr_power_iteration_ref,
     gwpr_scores,
     gwpr_scores_ref,
@@ -19,22 +19,6 @@ from atedm_kernels import (
 )
 from atedm_kernels import gwpr
 from atedm_kernels.gwpr import _map_power_step, _weighted_column_sums, materialize_attention_map
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=requires_cuda)]
-
-
-def _q_k_lse(batch, heads, n, head_dim, dtype=torch.float32, scale=None):
-    q = torch.randn(batch, heads, n, head_dim, device=DEVICE).to(dtype)
-    k = torch.randn(batch, heads, n, head_dim, device=DEVICE).to(dtype)
-    _, lse = attention_with_lse_ref(q, k, k, scale)
-    return q, k, lse
-
-
-def _row_stochastic(batch, n):
-    amap = torch.rand(batch, n, n, device=DEVICE) + 0.05
-    return amap / amap.sum(dim=-1, keepdim=True)
-
 
 def _dense_walk(amap, iterations):
     """The definition, one token at a time: s_{t+1}[j] = sum_i A[i, j] s_t[i]."""
@@ -46,7 +30,7 @@ def _dense_walk(amap, iterations):
 
 
 def test_reference_power_iteration_matches_the_definition():
-    amap = _row_stochastic(2, 9)
+    amap = random_row_stochastic(2, 9)
     scores = gwpr_power_iteration_ref(amap, 3)
     for b in range(2):
         torch.testing.assert_close(scores[b].double().cpu(), _dense_walk(amap[b].cpu(), 3), **tol(torch.float32))
@@ -54,7 +38,7 @@ def test_reference_power_iteration_matches_the_definition():
 
 
 def test_many_iterations_converge_to_the_principal_left_eigenvector():
-    amap = _row_stochastic(1, 12)[0].double().cpu()
+    amap = random_row_stochastic(1, 12)[0].double().cpu()
     eigenvalues, eigenvectors = torch.linalg.eig(amap.T)
     principal = eigenvectors[:, eigenvalues.real.argmax()].real
     principal = principal / principal.sum()
@@ -62,7 +46,7 @@ def test_many_iterations_converge_to_the_principal_left_eigenvector():
 
 
 def test_reference_rms_matches_a_per_head_loop():
-    q, k, lse = _q_k_lse(2, 3, 17, 16)
+    q, k, lse = random_q_k_lse(2, 3, 17, 17, 16)
     scores = gwpr_scores_ref(q, k, lse, 3, "rms")
     per_head = []
     for h in range(3):
@@ -86,7 +70,7 @@ def test_reference_rms_matches_a_per_head_loop():
     ],
 )
 def test_power_step_kernel_over_a_given_map(map_dtype, batch, n, iterations):
-    amap = _row_stochastic(batch, n).to(map_dtype)
+    amap = random_row_stochastic(batch, n).to(map_dtype)
     scores = torch.full((batch, n), 1.0 / n, device=DEVICE)
     for _ in range(iterations):
         out = torch.full_like(scores, float("nan"))
@@ -99,7 +83,7 @@ def test_power_step_kernel_over_a_given_map(map_dtype, batch, n, iterations):
 @pytest.mark.parametrize("shared_state", [True, False])
 def test_weighted_column_sums_kernel(dtype, shared_state):
     batch, heads, n, head_dim = 2, 3, 45, 16
-    q, k, lse = _q_k_lse(batch, heads, n, head_dim, dtype)
+    q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype)
     state = torch.rand(batch, 1 if shared_state else heads, n, device=DEVICE).expand(batch, heads, n)
     out = torch.full((batch, heads, n), float("nan"), device=DEVICE)
     _weighted_column_sums(q, k, lse, state, head_dim**-0.5, out=out)
@@ -117,7 +101,7 @@ def _assert_scores_close(scores, ref, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch, heads, n, head_dim, iterations", [(1, 2, 33, 16, 1), (2, 3, 70, 32, 3)])
 def test_triton_mean_over_a_given_map(dtype, batch, heads, n, head_dim, iterations):
-    q, k, lse = _q_k_lse(batch, heads, n, head_dim, dtype)
+    q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype)
     amap = head_mean_attention_map_ref(q, k, lse, out_dtype=torch.float16)
     scores = gwpr_scores(q, k, lse, iterations, "mean", attention_map=amap, backend="triton")
     _assert_scores_close(scores, gwpr_scores_ref(q, k, lse, iterations, "mean", attention_map=amap), dtype)
@@ -129,7 +113,7 @@ def test_triton_mean_over_a_given_map(dtype, batch, heads, n, head_dim, iteratio
 def test_triton_mean_without_a_map(monkeypatch, dtype, materialize, batch, heads, n, head_dim, iterations):
     """Both sides of ``materialize_attention_map``: build Abar (step 1 from its column sums) or recompute."""
     monkeypatch.setattr(gwpr, "materialize_attention_map", lambda *args, **kwargs: materialize)
-    q, k, lse = _q_k_lse(batch, heads, n, head_dim, dtype, scale=0.15)
+    q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype, scale=0.15)
     scores = gwpr_scores(q, k, lse, iterations, "mean", scale=0.15, backend="triton")
     ref = gwpr_scores_ref(q, k, lse, iterations, "mean", scale=0.15)
     _assert_scores_close(scores, ref, dtype)
@@ -141,7 +125,7 @@ def test_triton_mean_without_a_map(monkeypatch, dtype, materialize, batch, heads
     "batch, heads, n, head_dim, iterations", [(1, 1, 1, 16, 2), (1, 2, 33, 16, 1), (2, 3, 70, 32, 3)]
 )
 def test_triton_rms(dtype, batch, heads, n, head_dim, iterations):
-    q, k, lse = _q_k_lse(batch, heads, n, head_dim, dtype)
+    q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype)
     scores = gwpr_scores(q, k, lse, iterations, "rms", backend="triton")
     _assert_scores_close(scores, gwpr_scores_ref(q, k, lse, iterations, "rms"), dtype)
 
@@ -165,7 +149,7 @@ def test_materialize_heuristic_at_sdxl_shapes():
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
-    q, k, lse = _q_k_lse(1, 2, 8, 16)
+    q, k, lse = random_q_k_lse(1, 2, 8, 8, 16)
     if "attention_map" in kwargs:
         kwargs["attention_map"] = kwargs["attention_map"].to(DEVICE)
     with pytest.raises(ValueError, match=match):
@@ -173,9 +157,7 @@ def test_bad_arguments_raise(kwargs, match):
 
 
 def test_non_square_map_raises():
-    q, k, _ = _q_k_lse(1, 2, 8, 16)
-    k = torch.randn(1, 2, 9, 16, device=DEVICE)
-    _, lse = attention_with_lse_ref(q, k, k)
+    q, k, lse = random_q_k_lse(1, 2, 8, 9, 16)
     with pytest.raises(ValueError, match="square"):
         gwpr_scores(q, k, lse, 1, backend="triton")
 
@@ -193,10 +175,8 @@ def test_custom_op_keeps_a_compiled_caller_in_one_graph():
     def rank(q, k, lse):
         return gwpr_scores(q, k, lse, 2, "mean", backend="triton") + gwpr_scores(q, k, lse, 2, "rms", backend="triton")
 
-    q, k, lse = _q_k_lse(1, 2, 20, 16)
-    explanation = torch._dynamo.explain(rank)(q, k, lse)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1
+    q, k, lse = random_q_k_lse(1, 2, 20, 20, 16)
+    assert_one_graph(rank, q, k, lse)
 
 
 def test_fake_impl_gives_shape_and_dtype():

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from conftest import requires_cuda
+from op_inputs import random_qkv, row_lse
 from tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
 
 import atedm
@@ -61,8 +62,8 @@ def _inject_failure(monkeypatch, module_name: str, launcher: str) -> dict:
 
 
 def _operands():
-    q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
-    lse = attention_with_lse_ref(q, k, v)[1]
+    q, k, v = random_qkv(2, 3, 40, 40, 16, device="cpu")
+    lse = row_lse(q, k)
     amap = head_mean_attention_map_ref(q, k, lse)
     scores = torch.randn(2, 40)
     keep = topk_keep_indices_ref(scores, 13)
@@ -178,7 +179,7 @@ def test_fp32_on_cuda_never_launches_a_dot_kernel(monkeypatch):
         module = importlib.import_module(module_name)
         original = getattr(module, launcher)
         monkeypatch.setattr(module, launcher, lambda *a, _o=original, _n=launcher, **kw: launched.append(_n) or _o(*a, **kw))
-    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda") for _ in range(3))
+    q, k, v = random_qkv(2, 4, 256, 256, 64)
     for backend in ("auto", "triton"):
         out, lse = attention_with_lse(q, k, v, backend=backend)
         ref_out, ref_lse = attention_with_lse_ref(q, k, v)

@@ -9,12 +9,13 @@ layer saw in a real forward pass, so a difference in one block cannot cascade in
 
 import pytest
 import torch
+from op_inputs import row_lse
 from tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
 
 import atedm
 import atedm.patch as patch
 import atedm_kernels.prune_plan as prune_plan
-from atedm_kernels import attention_with_lse_ref, plan_token_pruning
+from atedm_kernels import plan_token_pruning
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def pruning_layer_inputs():
         run_unet(unet, unet_inputs(batch=2, height=24, width=24))
     finally:
         patch.plan_token_pruning = original
-    return [(q, k, attention_with_lse_ref(q, k, k, scale)[1], num_keep, scale) for q, k, num_keep, scale in captured]
+    return [(q, k, row_lse(q, k, scale), num_keep, scale) for q, k, num_keep, scale in captured]
 
 
 def _plans(blocks, backend):

@@ -3,20 +3,16 @@
 import pytest
 import torch
 from conftest import requires_cuda
+from op_inputs import random_q_k_lse, random_qkv, row_lse
 from tolerances import tol
 
 import atedm_kernels.prune_plan as prune_plan
-from atedm_kernels import attention_with_lse_ref, attention_with_map, one_pass_map_applies, plan_token_pruning
-
-
-def qk_lse(batch=2, heads=2, n=96, d=16):
-    q, k, v = (torch.randn(batch, heads, n, d) for _ in range(3))
-    return q, k, attention_with_lse_ref(q, k, v)[1]
+from atedm_kernels import attention_with_map, one_pass_map_applies, plan_token_pruning
 
 
 @pytest.mark.parametrize("similarity", ["attention", "attention_transposed", "symmetric", "key_cosine"])
 def test_recompute_path_matches_the_map_path(monkeypatch, similarity):
-    q, k, lse = qk_lse()
+    q, k, lse = random_q_k_lse(2, 2, 96, 96, 16, device="cpu")
     maps_built = []
     build_map = prune_plan.head_mean_attention_map
     monkeypatch.setattr(prune_plan, "head_mean_attention_map",
@@ -33,7 +29,7 @@ def test_recompute_path_matches_the_map_path(monkeypatch, similarity):
 
 
 def test_shared_cond_mask_is_the_conditional_half_for_both():
-    q, k, lse = qk_lse(batch=4)
+    q, k, lse = random_q_k_lse(4, 2, 96, 96, 16, device="cpu")
     keep, src = plan_token_pruning(q, k, lse, 20, cfg_mask_mode="shared_cond", backend="torch")
     own, _ = plan_token_pruning(q, k, lse, 20, backend="torch")
     assert torch.equal(keep[:2], keep[2:]) and torch.equal(keep[2:], own[2:])
@@ -43,7 +39,7 @@ def test_shared_cond_mask_is_the_conditional_half_for_both():
 
 @pytest.mark.parametrize("head_reduction", ["mean", "rms"])
 def test_triton_chain_matches_torch_chain(head_reduction):
-    q, k, lse = qk_lse(batch=1, n=80)
+    q, k, lse = random_q_k_lse(1, 2, 80, 80, 16, device="cpu")
     expected = plan_token_pruning(q, k, lse, 25, head_reduction=head_reduction, backend="torch")
     got = plan_token_pruning(q, k, lse, 25, head_reduction=head_reduction, backend="triton")
     assert torch.equal(got[0], expected[0])
@@ -85,9 +81,9 @@ def test_triton_chain_at_real_sdxl_shapes(shape, dtype):
 @pytest.mark.parametrize("similarity", ["attention", "attention_transposed", "symmetric", "key_cosine"])
 @pytest.mark.parametrize("ranking", ["gwpr", "random"])
 def test_plan_from_a_prebuilt_map_needs_no_lse(similarity, ranking):
-    q, k, v = (torch.randn(2, 3, 72, 16) for _ in range(3))
+    q, k, v = random_qkv(2, 3, 72, 72, 16, device="cpu")
     _, attention_map = attention_with_map(q, k, v)
-    _, lse = attention_with_lse_ref(q, k, v)
+    lse = row_lse(q, k)
     switches = dict(iterations=2, similarity=similarity, ranking=ranking, backend="torch")
     torch.manual_seed(7)
     got = plan_token_pruning(q, k, None, 25, attention_map=attention_map, **switches)
@@ -101,7 +97,7 @@ def test_plan_from_a_prebuilt_map_needs_no_lse(similarity, ranking):
 
 
 def test_plan_without_lse_refuses_what_needs_it():
-    q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
+    q, k, v = random_qkv(1, 2, 20, 20, 8, device="cpu")
     _, attention_map = attention_with_map(q, k, v)
     with pytest.raises(ValueError, match="needs lse"):
         plan_token_pruning(q, k, None, 5, backend="torch")

@@ -5,6 +5,17 @@ import warnings
 import pytest
 import torch
 from conftest import requires_cuda
+from op_inputs import (
+    DEVICE,
+    MAP_RULES,
+    poisoned_row_copy,
+    poisoned_source,
+    random_keep,
+    random_normal,
+    random_permutations,
+    random_q_k_lse,
+    tie_safe_rows,
+)
 
 from atedm_kernels import (
     head_mean_attention_map_ref,
@@ -14,48 +25,25 @@ from atedm_kernels import (
     topk_keep_indices_ref,
 )
 from atedm_kernels import recovery
-from atedm_kernels.attention_lse import attention_with_lse_ref
-from atedm_kernels.recovery import _recovery_source_into, _similarity_to_kept
-from atedm_kernels.topk_gather import _gather_rows_into
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-MAP_RULES = ("attention", "attention_transposed", "symmetric")
 
 # (B, N, k): N = 1024 + 17, batch 1, k = 1, k = N - 1, k = N.
 MATCH_SHAPES = [(1, 1041, 385), (2, 100, 1), (2, 100, 99), (2, 70, 70)]
-
-
-def random_keep(batch: int, num_tokens: int, k: int) -> torch.Tensor:
-    return topk_keep_indices_ref(torch.randn(batch, num_tokens, device=DEVICE), k)
 
 
 def distinct_map(batch: int, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
     """A map whose values cannot tie: one permutation per image in fp32 (exact up to 2^24 entries); in
     fp16 one permutation per row scaled by 1/N, distinct within a row (spacing above fp16's 2^-11)."""
     if dtype == torch.float32:
-        perms = torch.stack([torch.randperm(num_tokens * num_tokens) for _ in range(batch)])
+        perms = random_permutations(batch, num_tokens * num_tokens)
         return (perms.float() / num_tokens**2).reshape(batch, num_tokens, num_tokens).to(DEVICE)
-    rows = torch.stack([torch.randperm(num_tokens) for _ in range(batch * num_tokens)])
+    rows = random_permutations(batch * num_tokens, num_tokens)
     return (rows.float() / num_tokens).reshape(batch, num_tokens, num_tokens).to(DEVICE, dtype)
 
 
-def first_layer(batch: int, heads: int, num_tokens: int, head_dim: int, dtype=torch.float32, scale=None):
-    """Queries, keys and the fp32 row log-sum-exp of a self-attention layer."""
-    q = torch.randn(batch, heads, num_tokens, head_dim, device=DEVICE).to(dtype)
-    k = torch.randn(batch, heads, num_tokens, head_dim, device=DEVICE).to(dtype)
-    _, lse = attention_with_lse_ref(q, k, k, scale)
-    return q, k, lse
-
-
-def assert_tie_free(keep, num_tokens, rule, attention_map=None, keys=None, margin=1e-4, **recompute):
-    """Guard for inputs that kernels compute with another rounding: every row's best kept match must
-    beat the runner-up by ``margin`` (relative), or the comparison would test rounding, not the kernel."""
-    sim = _similarity_to_kept(slice(0, num_tokens), keep, rule, attention_map, keys, **recompute)
-    if sim.shape[-1] < 2:
-        return
-    top2 = sim.topk(2, dim=-1).values
-    gap = (top2[..., 0] - top2[..., 1]) / top2[..., 0].abs().clamp_min(1e-30)
-    assert gap.min() > margin, "test input has a near tie; pick other shapes"
+def assert_tie_free(keep, num_tokens, rule, **operands):
+    """Guard for inputs that kernels compute with another rounding: every row's best kept match must beat
+    the runner-up by a safe margin, or the comparison would test rounding, not the kernel."""
+    assert tie_safe_rows(keep, num_tokens, rule, **operands).all(), "test input has a near tie; pick other shapes"
 
 
 def naive_source(keep: torch.Tensor, num_tokens: int, similarity) -> torch.Tensor:
@@ -72,11 +60,6 @@ def naive_source(keep: torch.Tensor, num_tokens: int, similarity) -> torch.Tenso
                     best = r
             out[b, i] = best
     return out
-
-
-def poisoned_source(keep, num_tokens, rule, attention_map=None, keys=None, queries=None, lse=None, scale=None):
-    src = torch.full((keep.shape[0], num_tokens), -1, dtype=torch.int64, device=keep.device)
-    return _recovery_source_into(src, keep, num_tokens, rule, attention_map, keys, queries, lse, scale)
 
 
 # ---------------------------------------------------------------- references against naive loops
@@ -108,7 +91,7 @@ def test_reference_key_cosine_matches_naive_loops():
 
 @pytest.mark.parametrize("rule", MAP_RULES)
 def test_reference_recompute_matches_dense_formula(rule):
-    q, k, lse = first_layer(2, 3, 20, 8, torch.float64, scale=0.3)
+    q, k, lse = random_q_k_lse(2, 3, 20, 20, 8, torch.float64, scale=0.3)
     # Abar[b, i, j] = mean_h exp(scale q_hi.k_hj - lse_hi), written out densely in float64.
     dense = torch.exp(0.3 * torch.einsum("bhid,bhjd->bhij", q, k) - lse[..., None].double()).mean(1)
     keep = topk_keep_indices_ref(torch.randn(2, 20), 7)
@@ -156,7 +139,7 @@ def test_map_kernel_on_a_strided_map():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch, num_tokens, k, heads, head_dim", [(2, 150, 57, 2, 16), (1, 77, 1, 3, 24), (1, 64, 63, 1, 64)])
 def test_key_cosine_kernel_matches_reference(batch, num_tokens, k, heads, head_dim, dtype):
-    keys = torch.randn(batch, heads, num_tokens, head_dim, device=DEVICE).to(dtype)
+    keys = random_normal((batch, heads, num_tokens, head_dim), dtype)
     keep = random_keep(batch, num_tokens, k)
     assert_tie_free(keep, num_tokens, "key_cosine", keys=keys)
     expected = recovery_source(keep, num_tokens, "key_cosine", keys=keys, backend="torch")
@@ -166,7 +149,7 @@ def test_key_cosine_kernel_matches_reference(batch, num_tokens, k, heads, head_d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rule", MAP_RULES)
 def test_recompute_kernel_matches_reference(rule, dtype):
-    q, k, lse = first_layer(2, 2, 130, 16, dtype)
+    q, k, lse = random_q_k_lse(2, 2, 130, 130, 16, dtype)
     keep = random_keep(2, 130, 49)
     recompute = dict(queries=q, keys=k, lse=lse)
     assert_tie_free(keep, 130, rule, **recompute)
@@ -177,7 +160,7 @@ def test_recompute_kernel_matches_reference(rule, dtype):
 @pytest.mark.parametrize("rule", MAP_RULES)
 def test_recompute_mode_agrees_with_map_mode(rule):
     scale = 0.2
-    q, k, lse = first_layer(1, 3, 97, 24, scale=scale)
+    q, k, lse = random_q_k_lse(1, 3, 97, 97, 24, scale=scale)
     amap = head_mean_attention_map_ref(q, k, lse, scale)
     keep = random_keep(1, 97, 30)
     assert_tie_free(keep, 97, rule, attention_map=amap)
@@ -188,7 +171,7 @@ def test_recompute_mode_agrees_with_map_mode(rule):
 
 def test_match_kernels_at_sdxl_level3_width():
     # The real level-3 layout, 20 heads of 64, on a shortened grid to keep the interpreter fast.
-    q, k, lse = first_layer(2, 20, 64, 64, torch.float16)
+    q, k, lse = random_q_k_lse(2, 20, 64, 64, 64, torch.float16)
     keep = random_keep(2, 64, 24)
     for rule, operands in (("attention", dict(queries=q, keys=k, lse=lse)), ("key_cosine", dict(keys=k))):
         assert_tie_free(keep, 64, rule, **operands)
@@ -204,7 +187,7 @@ def test_match_kernels_with_small_tiles(monkeypatch):
     tied_map = torch.randint(0, 3, (2, 90, 90), device=DEVICE).half()
     for rule in MAP_RULES:
         assert torch.equal(poisoned_source(keep, 90, rule, attention_map=tied_map), recovery_source_ref(keep, 90, rule, tied_map))
-    q, k, lse = first_layer(2, 2, 90, 16)
+    q, k, lse = random_q_k_lse(2, 2, 90, 90, 16)
     for rule, operands in (("symmetric", dict(queries=q, keys=k, lse=lse)), ("key_cosine", dict(keys=k))):
         assert_tie_free(keep, 90, rule, **operands)
         assert torch.equal(poisoned_source(keep, 90, rule, **operands), recovery_source_ref(keep, 90, rule, **operands))
@@ -216,17 +199,16 @@ def test_match_kernels_with_small_tiles(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch, num_tokens, k, channels", [(1, 1041, 385, 80), (2, 64, 1, 640), (2, 50, 50, 3)])
 def test_scatter_kernel_matches_reference(batch, num_tokens, k, channels, dtype):
-    kept = torch.randn(batch, k, channels, device=DEVICE).to(dtype)
+    kept = random_normal((batch, k, channels), dtype)
     src = torch.randint(0, k, (batch, num_tokens), device=DEVICE)
     expected = scatter_recover(kept, src, backend="torch")
-    full = torch.full((batch, num_tokens, channels), float("nan"), dtype=dtype, device=DEVICE)
-    assert torch.equal(_gather_rows_into(full, kept, src), expected)  # NaN left anywhere fails equality
+    assert torch.equal(poisoned_row_copy(kept, src), expected)  # NaN left anywhere fails equality
     assert torch.equal(scatter_recover(kept, src, backend="triton"), expected)
 
 
 @requires_cuda
 def test_kernels_bf16_on_cuda():
-    q, k, lse = first_layer(2, 10, 4096, 64, torch.bfloat16)
+    q, k, lse = random_q_k_lse(2, 10, 4096, 4096, 64, torch.bfloat16)
     amap = head_mean_attention_map_ref(q, k, lse, out_dtype=torch.bfloat16)
     keep = random_keep(2, 4096, 1516)
     for rule in MAP_RULES:
@@ -305,7 +287,7 @@ def test_fake_impls_give_shapes_and_dtypes():
 
 
 def test_no_graph_breaks_around_the_kernels():
-    q, k, lse = first_layer(2, 2, 48, 16)
+    q, k, lse = random_q_k_lse(2, 2, 48, 48, 16)
     amap = distinct_map(2, 48, torch.float32)
     keep = random_keep(2, 48, 17)
 

@@ -6,12 +6,10 @@ import warnings
 import pytest
 import torch
 from conftest import requires_cuda
+from op_inputs import DEVICE, poisoned_row_copy, poisoned_topk, random_keep, random_normal, tie_free_scores
 
 from atedm_kernels import gather_tokens, num_kept_tokens, share_cfg_scores, topk_keep_indices, topk_keep_indices_ref
 from atedm_kernels import topk_gather
-from atedm_kernels.topk_gather import _gather_rows_into, _topk_keep_indices_into
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # (B, N, k): a single token, batch 1, k = 1, k = N - 1, k = N, N not a power of 2, N = 1024 + 17, and
 # SDXL level 2 at rho = 0.63.
@@ -31,17 +29,6 @@ def naive_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
             chosen.add(best)
         rows.append(sorted(chosen))
     return torch.tensor(rows, dtype=torch.int64)
-
-
-def tie_free_scores(batch: int, num_tokens: int) -> torch.Tensor:
-    """Each row a random permutation of distinct values, half of them negative."""
-    perms = torch.stack([torch.randperm(num_tokens) for _ in range(batch)]).float()
-    return ((perms - num_tokens / 2) * 0.37).to(DEVICE)
-
-
-def poisoned_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    keep = torch.full((scores.shape[0], k), -1, dtype=torch.int64, device=scores.device)
-    return _topk_keep_indices_into(keep, scores, k)
 
 
 # ---------------------------------------------------------------- references against naive formulas
@@ -137,7 +124,7 @@ def test_topk_kernel_on_strided_half_scores():
     assert not scores.is_contiguous()
     expected = topk_keep_indices_ref(scores, 33)
     assert torch.equal(topk_keep_indices(scores, 33, backend="triton"), expected)
-    halves = (torch.stack([torch.randperm(200) for _ in range(2)]).half() / 4).to(DEVICE)  # distinct in fp16
+    halves = tie_free_scores(2, 200).half()
     assert torch.equal(topk_keep_indices(halves, 50, backend="triton"), topk_keep_indices_ref(halves.float(), 50))
 
 
@@ -159,18 +146,17 @@ GATHER_SHAPES = [(1, 1041, 385, 80), (2, 64, 1, 640), (2, 33, 33, 3), (2, 300, 1
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch, num_tokens, k, channels", GATHER_SHAPES)
 def test_gather_kernel_matches_reference(batch, num_tokens, k, channels, dtype):
-    x = torch.randn(batch, num_tokens, channels, device=DEVICE).to(dtype)
-    keep = topk_keep_indices_ref(torch.randn(batch, num_tokens, device=DEVICE), k)
+    x = random_normal((batch, num_tokens, channels), dtype)
+    keep = random_keep(batch, num_tokens, k)
     expected = gather_tokens(x, keep, backend="torch")
-    out = torch.full((batch, k, channels), float("nan"), dtype=dtype, device=DEVICE)
-    assert torch.equal(_gather_rows_into(out, x, keep), expected)  # NaN left anywhere fails equality
+    assert torch.equal(poisoned_row_copy(x, keep), expected)  # NaN left anywhere fails equality
     assert torch.equal(gather_tokens(x, keep, backend="triton"), expected)
 
 
 def test_gather_kernel_on_strided_input():
     wide = torch.randn(2, 70, 96, device=DEVICE)
     x = wide[:, :, 16:80]  # a channel window: row stride 96, not 64
-    keep = topk_keep_indices_ref(torch.randn(2, 70, device=DEVICE), 20)
+    keep = random_keep(2, 70, 20)
     assert torch.equal(gather_tokens(x, keep, backend="triton"), gather_tokens(x, keep, backend="torch"))
 
 
@@ -193,7 +179,7 @@ def test_gather_rejects_more_kept_rows_than_tokens():
 
 def test_gather_kernel_with_zero_channels():
     """Found by fuzzing: C = 0 made a zero-wide channel block, a ZeroDivisionError in the launch grid."""
-    x, keep = torch.randn(2, 10, 0, device=DEVICE), topk_keep_indices_ref(torch.randn(2, 10, device=DEVICE), 4)
+    x, keep = torch.randn(2, 10, 0, device=DEVICE), random_keep(2, 10, 4)
     assert gather_tokens(x, keep, backend="triton").shape == (2, 4, 0)
 
 
