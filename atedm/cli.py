@@ -10,45 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from importlib import resources
 
 import torch
 
+from .doctor import run_doctor
 from .flops import example_inputs, flops_per_step
-from .patch import apply, remove, set_phase
+from .patch import apply, remove
 from .presets import PRESET_BUDGETS_TFLOPS, PRESETS, get_preset
-
-
-def default_unet_config() -> dict:
-    """The real SDXL-base UNet config, shipped with the package (no download)."""
-    return json.loads(resources.files("atedm").joinpath("data/sdxl_base_unet_config.json").read_text())
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 matmul (AVX512-BF16 or AMX), where bf16 beats fp32 ~3x."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def build_random_unet(unet_config: dict, dtype: torch.dtype, device: str, seed: int = 0):
-    """The UNet architecture with seeded random weights (diffusers' default init) in ``dtype``."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build straight in bf16: half the peak memory of an fp32 build
-    try:
-        unet = UNet2DConditionModel.from_config(unet_config)
-    finally:
-        torch.set_default_dtype(previous)
-    return unet.to(device=device, dtype=dtype).eval()
+from .timing import dsap_phases, schedule_average, time_interleaved, unet_step_timer
+from .unets import build_random_unet, default_unet_config, step_dtype
 
 
 def _parse_configs(text: str) -> list[str]:
@@ -62,10 +33,7 @@ def run_bench(args) -> list[dict]:
     """Full and AT-EDM steps, interleaved in one run; prints and returns the table rows."""
     unet_config = json.load(open(args.unet_config)) if args.unet_config else default_unet_config()
     device = args.device
-    if args.dtype == "auto":
-        dtype = torch.float16 if device.startswith("cuda") else (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
-    else:
-        dtype = getattr(torch, args.dtype)
+    dtype = step_dtype(args.dtype, device)
     presets = _parse_configs(args.presets)
     steps = args.steps
 
@@ -78,46 +46,28 @@ def run_bench(args) -> list[dict]:
     torch.manual_seed(args.seed)
     inputs = example_inputs(unet_config, args.batch, args.height, args.width, device=device, dtype=dtype)
 
-    def step(name: str, phase: str | None) -> float:
+    def configure(name: str) -> None:
         if name == "full":
             remove(unet)
         else:
             apply(unet, get_preset(name), backend=args.backend)
-            set_phase(unet, phase)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            unet(**inputs)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) * 1e3
 
-    # One warm-up pass of each, then rounds that interleave every config so drift hits all alike.
-    runs: list[tuple[str, str | None]] = [("full", None)]
-    for name in presets:
-        runs += [(name, "late")] + ([(name, "early")] if counted[name].early_steps else [])
-    times: dict[tuple[str, str | None], list[float]] = {run: [] for run in runs}
-    for round_index in range(args.repeats + 1):
-        for run in runs:
-            elapsed = step(*run)
-            if round_index:
-                times[run].append(elapsed)
-            print(f"  round {round_index} {run[0]:>6} {run[1] or '':>5}: {elapsed:8.1f} ms", file=sys.stderr)
+    def phases(name: str) -> tuple:
+        return (None,) if name == "full" else dsap_phases(counted[name].early_steps)
+
+    def print_round(round_index: int, name: str, phase: str | None, elapsed: float) -> None:
+        print(f"  round {round_index} {name:>6} {phase or '':>5}: {elapsed:8.1f} ms", file=sys.stderr)
+
+    names = ["full"] + presets
+    timed = time_interleaved(names, configure, unet_step_timer(unet, inputs, device), args.repeats, phases, print_round)
     remove(unet)
 
     def step_ms(name: str) -> float:
-        """Median ms of a step averaged over the schedule the same way the FLOPs are."""
-        if name == "full":
-            return statistics.median(times[("full", None)])
-        report = counted[name]
-        late = statistics.median(times[(name, "late")])
-        early = statistics.median(times[(name, "early")]) if report.early_steps else late
-        return (report.early_steps * early + (steps - report.early_steps) * late) / steps
+        return schedule_average(timed[names.index(name)], counted[name].early_steps, steps)
 
     full_ms = step_ms("full")
     rows = []
-    for name in ["full"] + presets:
+    for name in names:
         report = counted[name]
         ms = step_ms(name)
         speedup = full_ms / ms
@@ -234,7 +184,5 @@ def main(argv: list[str] | None = None) -> None:
         argv = ["bench"] + argv
     args = build_parser().parse_args(argv)
     if args.command == "doctor":
-        from .doctor import run_doctor  # doctor.py imports this module's UNet builders
-
         sys.exit(run_doctor(args))
     {"bench": run_bench, "flops": run_flops, "generate": run_generate}[args.command](args)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
-import importlib.util
 import json
 import platform
 import secrets
@@ -33,8 +32,9 @@ from atedm_kernels import selfcheck
 from atedm_kernels._dispatch import triton_interpreter_on
 from atedm_kernels.selfcheck import ROW_FIELDS, row
 
-from .cli import build_random_unet, cpu_supports_bf16, default_unet_config
 from .presets import get_preset
+from .timing import time_interleaved
+from .unets import build_random_unet, cpu_supports_bf16, default_unet_config, tiny_unet_config
 
 SECTIONS = ("checks", "block", "step")
 STEP_PRESET = "c"  # the paper's headline operating point
@@ -91,21 +91,6 @@ def resolve_settings(args) -> Settings:
     shapes = selfcheck.sdxl_block_shapes(resolution, args.tiny)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     return Settings(device, dtypes, resolution, sections, shapes, args.backend, seed, args.tiny)
-
-
-def load_tiny_unet_config() -> dict:
-    """The tests' tiny SDXL-shaped UNet config, from ``tests/tiny_models.py`` of this checkout.
-
-    Loaded by file path: a ``tests`` package installed by another project (torch-fidelity ships one)
-    would shadow ours on ``sys.path``.
-    """
-    path = Path(__file__).resolve().parents[1] / "tests" / "tiny_models.py"
-    if not path.exists():
-        raise FileNotFoundError(f"--tiny needs the tests of a source checkout; {path} does not exist")
-    spec = importlib.util.spec_from_file_location("atedm_tiny_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.tiny_sdxl_unet_config()
 
 
 def _package_version(name: str) -> str:
@@ -185,7 +170,7 @@ def _load_unet(args, settings: Settings, dtype: torch.dtype):
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
         return unet.to(settings.device).eval(), dict(unet.config), f"weights of {args.model}"
     if settings.tiny:
-        config, name = load_tiny_unet_config(), "tiny SDXL-shaped UNet"
+        config, name = tiny_unet_config(), "tiny SDXL-shaped UNet"
     elif args.unet_config:
         config, name = json.loads(Path(args.unet_config).read_text()), Path(args.unet_config).name
     else:
@@ -254,17 +239,17 @@ def step_rows(args, settings: Settings) -> Iterator[dict]:
             torch.manual_seed(settings.seed)
             inputs = example_inputs(unet_config, STEP_BATCH, settings.resolution, settings.resolution,
                                     device=settings.device, dtype=dtype)
-            times = {"full": [], STEP_PRESET: []}
             finite = {}
-            # Round 0 warms up (Triton autotuning, allocator); full and pruned alternate so drift hits both.
-            for round_index in range(args.repeats + 1):
-                for config_name in times:
-                    configure(config_name)
-                    ms, finite[config_name] = _timed_step(unet, inputs, settings.device)
-                    if round_index:
-                        times[config_name].append(ms)
+
+            def measure(config_name: str, phase: None) -> float:
+                ms, finite[config_name] = _timed_step(unet, inputs, settings.device)
+                return ms
+
+            names = ["full", STEP_PRESET]
+            timed = time_interleaved(names, configure, measure, args.repeats)
+            times = {config_name: samples[None] for config_name, samples in zip(names, timed)}
             notes = {}
-            for config_name in times:
+            for config_name in names:
                 configure(config_name)
                 notes[config_name] = _peak_memory_note(unet, inputs, settings.device)
             remove(unet)

@@ -23,10 +23,11 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 import atedm
-from atedm.cli import build_random_unet, cpu_supports_bf16, default_unet_config
 from atedm.flops import example_inputs
-from benchmarks.bench_sdxl_step import Row, call_unet, configure, count_flops, parse_rows, synchronize
-from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, tiny_unet_config, write_rows
+from atedm.timing import call_unet, synchronize, time_interleaved
+from atedm.unets import build_random_unet, default_unet_config, step_dtype, tiny_unet_config
+from benchmarks.bench_sdxl_step import Row, configure, count_flops, parse_rows
+from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, write_rows
 
 PAPER_SECONDS = {"full": 18.0, "c": 16.3, "tomesd": 17.7}  # fused attention; AT-EDM with a fused kernel
 
@@ -75,14 +76,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    if args.dtype == "auto":
-        dtype = torch.float16 if device.type == "cuda" else (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
-    else:
-        dtype = getattr(torch, args.dtype)
-    if args.tiny:
-        unet_config = tiny_unet_config()
-    else:
-        unet_config = default_unet_config()
+    dtype = step_dtype(args.dtype, device)
+    unet_config = tiny_unet_config() if args.tiny else default_unet_config()
     print(f"building the UNet ({dtype}, {device}) ...", file=sys.stderr)
     unet = build_random_unet(unet_config, dtype, str(device))
     torch.manual_seed(0)
@@ -95,18 +90,17 @@ def main() -> None:
     for steps in [int(s) for s in args.steps.split(",")]:
         for row in rows:
             count_flops(unet_config, row, args.height, args.width, steps)
-        seconds = {row.name: [] for row in rows}
-        for round_index in range(args.repeats + 1):  # round 0 warms up
-            for row in rows:
-                configure(unet, row)
-                elapsed = generate(unet, row, inputs, steps, args.guidance, device)
-                if round_index:
-                    seconds[row.name].append(elapsed)
-                print(f"  {steps} steps round {round_index} {row.name:>10}: {elapsed:8.2f} s", file=sys.stderr)
+
+        def print_round(round_index: int, row: Row, phase: None, elapsed: float) -> None:
+            print(f"  {steps} steps round {round_index} {row.name:>10}: {elapsed:8.2f} s", file=sys.stderr)
+
+        timed = time_interleaved(rows, lambda row: configure(unet, row),
+                                 lambda row, phase: generate(unet, row, inputs, steps, args.guidance, device),
+                                 args.repeats, report=print_round)
         configure(unet, Row("full", "full"))
-        full_s = statistics.median(seconds["full"])
-        for row in rows:
-            median = statistics.median(seconds[row.name])
+        full_s = statistics.median(timed[0][None])
+        for row, seconds in zip(rows, timed):
+            median = statistics.median(seconds[None])
             results.append({
                 "config": row.name, "steps": steps, "height": args.height, "width": args.width, "batch": 2,
                 "dtype": str(dtype).removeprefix("torch."), "tflops_per_step": row.tflops, "seconds": median,

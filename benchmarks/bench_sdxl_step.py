@@ -11,8 +11,8 @@ round so that drift hits every row alike. Rows (``--configs``):
 * ``tomesd-<r>``      tomesd with ``max_downsample=2`` (its default 1 does nothing on SDXL), merging
                       attention, cross-attention and MLP tokens at ratio r
 * ``tomesd@<preset>`` ToMe at its best setting against a preset: merging in every transformer block at the
-                      ratio whose counted FLOPs match the preset's (the evaluation harness's solver,
-                      ``atedm.evaluation.tflops``), or at its highest ratio where its FLOPs floor lies above
+                      ratio whose counted FLOPs match the preset's (``atedm.tome``, as the evaluation
+                      harness solves it), or at its highest ratio where its FLOPs floor lies above
 
 Per row: counted TFLOPs/step (meta device, per image, DSAP-averaged over ``--steps``), median ms/step
 with the 20/80% quantiles, speed-up over full, eta = speed-up / (full FLOPs / row FLOPs), peak memory
@@ -46,10 +46,12 @@ import torch
 
 import atedm
 import atedm_kernels
-from atedm.cli import build_random_unet, cpu_supports_bf16, default_unet_config
-from atedm.evaluation.settings import TOME_MAX_RATIO, MethodConfig, parse_config
+from atedm.evaluation.settings import MethodConfig, parse_config
 from atedm.flops import example_inputs
-from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, tiny_unet_config, write_rows
+from atedm.timing import call_unet, dsap_phases, schedule_average, time_interleaved, unet_step_timer
+from atedm.tome import MAX_RATIO
+from atedm.unets import build_random_unet, default_unet_config, step_dtype, tiny_unet_config
+from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, write_rows
 
 PRESET_ROWS = ("a", "b", "c", "d", "dagger")
 # The stages of AT-EDM's own work and the functions that do them, wrapped for the breakdown.
@@ -93,7 +95,7 @@ def parse_rows(text: str, backend: str, steps: int = 50) -> list[Row]:
             config = atedm.get_preset(name.removesuffix("-ref"))
             config = config.replace(backend="torch" if name == "c-ref" else backend)
             early = config.early_steps(steps) if config.dsap_fraction > 0 else 0
-            rows.append(Row(name, "atedm", config, phases=("late", "early") if early else ("late",), early_steps=early))
+            rows.append(Row(name, "atedm", config, phases=dsap_phases(early), early_steps=early))
         elif name.startswith("tomesd-"):
             tome = MethodConfig(name, "tomesd", float(name.split("-", 1)[1]), tome_max_downsample=2,
                                 tome_merge_crossattn=True, tome_merge_mlp=True)
@@ -115,14 +117,14 @@ def counted_flops(unet_config: dict, row: Row, height: int, width: int, steps: i
     if row.kind != "tomesd":
         report = atedm.flops_per_step(unet_config, row.config, height, width, steps)
         return {"tflops": report.unet_tflops, "overhead_tflops": report.overhead_tflops if row.config else None}
-    from atedm.evaluation.tflops import _config_key, counted_tflops, solve_tome_ratio
+    from atedm.evaluation.tflops import config_key, counted_tflops, solve_tome_ratio
 
-    key, tome, note = _config_key(unet_config), row.tome, ""
+    key, tome, note = config_key(unet_config), row.tome, ""
     if tome.tome_ratio is None:
         try:
             ratio = solve_tome_ratio(tome, key, height, width, steps)
         except ValueError as error:
-            ratio, note = TOME_MAX_RATIO, f"{error}; timed at its highest ratio"
+            ratio, note = MAX_RATIO, f"{error}; timed at its highest ratio"
         tome = replace(tome, tome_ratio=ratio)
     return {"tflops": counted_tflops(key, tome, height, width, steps)["tflops_per_step"], "tome": tome, "note": note}
 
@@ -176,28 +178,6 @@ def configure(unet, row: Row) -> None:
         tomesd.apply_patch(unet, **row.tome.tome_kwargs())
 
 
-def call_unet(unet, inputs: dict):
-    # Positional sample and timestep: tomesd's hook reads the latent size from args[0].
-    rest = {k: v for k, v in inputs.items() if k not in ("sample", "timestep")}
-    return unet(inputs["sample"], inputs["timestep"], **rest)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_step(unet, inputs, device, phase) -> float:
-    if phase is not None:
-        atedm.set_phase(unet, phase)
-    synchronize(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        call_unet(unet, inputs)
-    synchronize(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def quantile(index: int):
     """Picks the 20% (index 0) or 80% (index -1) quantile of a row's samples."""
     return lambda samples: statistics.quantiles(samples, n=5)[index] if len(samples) > 1 else samples[0]
@@ -205,11 +185,7 @@ def quantile(index: int):
 
 def step_ms(row: Row, steps: int, pick=statistics.median) -> float:
     """A step's time averaged over the schedule with the same weights as the row's FLOPs."""
-    late = pick(row.times[row.phases[0]])
-    if len(row.phases) == 1:
-        return late
-    early = pick(row.times["early"])
-    return (row.early_steps * early + (steps - row.early_steps) * late) / steps
+    return schedule_average(row.times, row.early_steps, steps, pick)
 
 
 class StageClock:
@@ -322,18 +298,13 @@ def explain_counts(unet, inputs) -> tuple[int, int]:
 
 def time_rounds(model, unet, rows: list[Row], inputs, device, repeats: int, label: str) -> None:
     """Round 0 warms up (Triton autotuning, torch.compile); rounds 1..repeats are recorded in ``row.times``."""
-    for row in rows:
-        row.times = {phase: [] for phase in row.phases}
-    for round_index in range(repeats + 1):
-        for row in rows:
-            configure(unet, row)
-            for phase in row.phases:
-                if phase is not None:
-                    atedm.set_phase(unet, phase)
-                elapsed = time_step(model, inputs, device, None)
-                if round_index:
-                    row.times[phase].append(elapsed)
-                print(f"  {label} round {round_index} {row.name:>10} {phase or '':>5}: {elapsed:9.1f} ms", file=sys.stderr)
+    def print_round(round_index: int, row: Row, phase: str | None, elapsed: float) -> None:
+        print(f"  {label} round {round_index} {row.name:>10} {phase or '':>5}: {elapsed:9.1f} ms", file=sys.stderr)
+
+    timed = time_interleaved(rows, lambda row: configure(unet, row), unet_step_timer(unet, inputs, device, model),
+                             repeats, phases=lambda row: row.phases, report=print_round)
+    for row, times in zip(rows, timed):
+        row.times = times
 
 
 def compile_within_budget(model, unet, rows: list[Row], inputs, device, args, deadline: float,
@@ -341,6 +312,7 @@ def compile_within_budget(model, unet, rows: list[Row], inputs, device, args, de
     """Compile (warm) the rows one at a time, full first, each only if its compile and its timing rounds
     fit in the time left; returns the compiled rows and, per skipped row, why."""
     seconds_per_graph, compiled, skipped = COMPILE_SECONDS_FIRST_GUESS, [], {}
+    measure = unet_step_timer(unet, inputs, device, model)
     for row in sorted(rows, key=lambda row: row.kind != "full"):
         graphs = len(row.phases)
         timing = (args.repeats + 1) * graphs * eager_ms[row.name] / 1e3
@@ -355,9 +327,7 @@ def compile_within_budget(model, unet, rows: list[Row], inputs, device, args, de
         start = time.monotonic()
         configure(unet, row)
         for phase in row.phases:
-            if phase is not None:
-                atedm.set_phase(unet, phase)
-            time_step(model, inputs, device, None)
+            measure(row, phase)
         seconds_per_graph = (time.monotonic() - start) / graphs
         print(f"  {row.name}: compiled in {seconds_per_graph:.1f} s per graph", file=sys.stderr)
         compiled.append(row)
@@ -413,10 +383,7 @@ def run(args, emit) -> list[dict]:
     """Measure every row; ``emit`` gets each record the moment it is complete."""
     deadline = time.monotonic() + args.time_budget if args.time_budget else float("inf")
     device = torch.device(args.device)
-    if args.dtype == "auto":
-        dtype = torch.float16 if device.type == "cuda" else (torch.bfloat16 if cpu_supports_bf16() else torch.float32)
-    else:
-        dtype = getattr(torch, args.dtype)
+    dtype = step_dtype(args.dtype, device)
     rows = parse_rows(args.configs, args.backend, args.steps)
     full = next((row for row in rows if row.kind == "full"), None)
     if full is None:

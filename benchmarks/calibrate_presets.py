@@ -12,8 +12,8 @@ import argparse
 import json
 
 import atedm
-from atedm.cli import default_unet_config
 from atedm.presets import PRESET_BUDGETS_TFLOPS, PRESETS
+from atedm.unets import default_unet_config
 
 
 def solve_ratio(unet_config: dict, base: atedm.ATEDMConfig, budget: float, steps: int = 14) -> tuple[float, float]:

@@ -207,14 +207,3 @@ def time_providers(
             print(f"  {provider}: {row['ms']:.4g} ms{floor_note}")
         rows.append({**row, **environment_info(device)})
     return rows
-
-
-def tiny_unet_config() -> dict:
-    """The tests' tiny SDXL-shaped UNet config (``--tiny`` smoke runs). Loaded from ``tests/`` by path:
-    some installed packages (torch-fidelity) ship a top-level ``tests`` package that would shadow ours."""
-    tests_dir = str(Path(__file__).resolve().parents[1] / "tests")
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
-    from tiny_models import tiny_sdxl_unet_config
-
-    return tiny_sdxl_unet_config()

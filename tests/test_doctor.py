@@ -4,6 +4,7 @@ swap inside its band and rejects one outside it."""
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,17 @@ def test_tiny_dry_run_prints_one_table_and_appends_the_same_rows_to_the_csv(tmp_
     assert set(steps) == {"build", "full", "preset c (late)"}
     assert float(steps["full"]["ms"]) > 0 and "eta" in steps["preset c (late)"]["note"]
     assert saved[0]["torch"] == torch.__version__ and saved[0]["triton_interpret"] == "1" and saved[0]["git_sha"]
+
+
+def test_tiny_step_runs_from_an_installed_package_without_the_tests(tmp_path):
+    """--tiny builds the package's own tiny UNet: an installed atedm has no tests/ folder beside it."""
+    for package in ("atedm", "atedm_kernels"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    command = [sys.executable, "-m", "atedm", "doctor", "--tiny", "--sections", "step", "--repeats", "1"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "tiny SDXL-shaped UNet, random weights" in done.stdout
 
 
 def test_a_wrong_top_k_fails_its_check_the_chain_and_the_exit_status(monkeypatch, tmp_path, one_thread):

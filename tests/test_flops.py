@@ -3,8 +3,8 @@
 import pytest
 
 import atedm
-from atedm.cli import default_unet_config
 from atedm.presets import PRESET_BUDGETS_TFLOPS
+from atedm.unets import default_unet_config
 
 
 @pytest.fixture(scope="module")

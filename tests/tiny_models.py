@@ -1,40 +1,17 @@
-"""Tiny SDXL-shaped models for the tests, derived from the real SDXL-base UNet config.
-
-Same block types, names and level structure as SDXL (three levels, attention at levels 2 and 3, the
-four DSAP blocks, linear projections, text-time conditioning), with few channels: depth 2 at level 2
-and 3 at level 3 so that both levels prune after their first layer.
-"""
+"""Tiny SDXL-shaped models for the tests: the package's tiny UNet (``atedm.unets.tiny_unet_config``) with
+random weights, its inputs, and a whole tiny SDXL pipeline around it."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from atedm.cli import default_unet_config
-
-CROSS_DIM = 32
-TEXT_EMBED_DIM = 32
-TIME_EMBED_DIM = 8
-
-
-def tiny_sdxl_unet_config(**changes) -> dict:
-    config = default_unet_config()
-    config.update(
-        block_out_channels=[32, 64, 64],
-        attention_head_dim=[1, 2, 4],
-        transformer_layers_per_block=[1, 2, 3],
-        cross_attention_dim=CROSS_DIM,
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=TEXT_EMBED_DIM + 6 * TIME_EMBED_DIM,
-        sample_size=16,
-    )
-    config.update(changes)
-    return config
+from atedm.unets import TINY_CROSS_DIM, TINY_TEXT_EMBED_DIM, tiny_unet_config
 
 
 def tiny_sdxl_unet(seed: int = 0, **changes) -> UNet2DConditionModel:
     torch.manual_seed(seed)
-    return UNet2DConditionModel.from_config(tiny_sdxl_unet_config(**changes)).eval()
+    return UNet2DConditionModel.from_config(tiny_unet_config(**changes)).eval()
 
 
 def unet_inputs(batch: int = 2, height: int = 16, width: int = 16, timestep: float = 500.0, seed: int = 1) -> dict:
@@ -43,9 +20,9 @@ def unet_inputs(batch: int = 2, height: int = 16, width: int = 16, timestep: flo
     return {
         "sample": torch.randn(batch, 4, height, width, generator=generator),
         "timestep": torch.tensor(timestep),
-        "encoder_hidden_states": torch.randn(batch, 7, CROSS_DIM, generator=generator),
+        "encoder_hidden_states": torch.randn(batch, 7, TINY_CROSS_DIM, generator=generator),
         "added_cond_kwargs": {
-            "text_embeds": torch.randn(batch, TEXT_EMBED_DIM, generator=generator),
+            "text_embeds": torch.randn(batch, TINY_TEXT_EMBED_DIM, generator=generator),
             "time_ids": torch.randn(batch, 6, generator=generator),
         },
     }
@@ -74,10 +51,10 @@ def tiny_sdxl_pipeline(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    text_config = dict(hidden_size=CROSS_DIM // 2, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+    text_config = dict(hidden_size=TINY_CROSS_DIM // 2, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
                        vocab_size=514, max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=TEXT_EMBED_DIM, **text_config)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=TINY_TEXT_EMBED_DIM, **text_config)).eval()
     vae = AutoencoderKL(block_out_channels=[32, 32], down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, sample_size=32).eval()
     return StableDiffusionXLPipeline(

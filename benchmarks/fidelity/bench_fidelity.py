@@ -16,8 +16,8 @@ Every configuration samples the same images: label i % 10 from the noise of seed
 
 Budgets are AT-EDM prune ratios; FLOPs are counted on the meta device with
 ``atedm.flops_per_step`` (latent 32x32 = "image" 256x256 for its 8x VAE factor, batch 1, its 77
-context tokens) and the same counter for tomesd, its matching work (the similarity matmul) counted
-apart as AT-EDM's scoring work is. Plus ablations at prune ratio 0.63: G-WPR iterations
+context tokens) and for tomesd with ``atedm.tome.count_tome_flops``, its matching work (the similarity
+matmul) counted apart as AT-EDM's scoring work is. Plus ablations at prune ratio 0.63: G-WPR iterations
 K = 1, 2, 3, 5, DSAP fraction 0 / 0.1 / 0.2, and the recovery copy by key cosine instead of by
 attention (G-WPR and random ranking). And a look at the model itself: how peaked the
 first-layer self-attention of each pruning block is (normalised entropy of the head-mean map), and
@@ -44,10 +44,9 @@ import numpy as np
 import tomesd
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import atedm
-from atedm.flops import build_meta_unet, example_inputs
+from atedm.tome import MAX_RATIO, TomeFlops, count_tome_flops
 from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, write_rows
 
 from .model import IMAGE_SIZE, MODEL_DIR, NUM_CLASSES, FidelityModel, load_digit_images, load_fidelity_model
@@ -62,7 +61,6 @@ OTHER_SEEDS_OFFSET = 500_000  # the "unrelated sample" floor: same labels, diffe
 # Ranking by noise and ToMe's random destination tokens draw from torch's global generator: seeding
 # it before every configuration makes each one reproducible on its own.
 GLOBAL_RNG_SEED = 1234
-TOMESD_MAX_RATIO = 0.75  # sx = sy = 2: at most 3 of every 4 tokens can merge
 ABLATION_RATIO = 0.63
 
 
@@ -85,41 +83,20 @@ def tomesd_kwargs(ratio: float, max_downsample: int) -> dict:
     return dict(ratio=ratio, max_downsample=max_downsample, merge_attn=True, merge_crossattn=True, merge_mlp=True)
 
 
-def count_tomesd_flops(unet_config: dict, ratio: float, max_downsample: int) -> tuple[float, float]:
-    """(UNet FLOPs, ToMe's matching FLOPs) of one pass for one image, counted as atedm.flops_per_step counts."""
-    unet = build_meta_unet(unet_config)
-    inputs = example_inputs(unet_config, 1, FLOPS_IMAGE_SIZE, FLOPS_IMAGE_SIZE)
-    tomesd.apply_patch(unet, **tomesd_kwargs(ratio, max_downsample))
-    matching_flops = []
-    original_compute_merge = tomesd.patch.compute_merge
-
-    def counted_compute_merge(x, tome_info):
-        with FlopCounterMode(display=False) as counter:
-            merge_functions = original_compute_merge(x, tome_info)
-        matching_flops.append(counter.get_total_flops())
-        return merge_functions
-
-    # ToMe blocks look compute_merge up in tomesd.patch at call time; swapped for this count only.
-    tomesd.patch.compute_merge = counted_compute_merge
-    try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            # tomesd reads the latent size from the first positional argument.
-            unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"])
-    finally:
-        tomesd.patch.compute_merge = original_compute_merge
-    matching = float(sum(matching_flops))
-    return float(counter.get_total_flops()) - matching, matching
+def tomesd_flops(unet_config: dict, ratio: float, max_downsample: int) -> TomeFlops:
+    """ToMe's counted FLOPs of one pass for one image, its UNet's and its matching apart."""
+    return count_tome_flops(unet_config, tomesd_kwargs(ratio, max_downsample), FLOPS_IMAGE_SIZE, FLOPS_IMAGE_SIZE)
 
 
 def solve_tomesd_ratio(unet_config: dict, target_flops: float, max_downsample: int) -> float | None:
     """The tomesd ratio whose UNet FLOPs come closest to ``target_flops``; None when even the largest
     ratio cannot get within 0.5% of it. FLOPs fall with the ratio in steps (ToMe merges int(N * ratio))."""
     def flops(ratio: float) -> float:
-        return count_tomesd_flops(unet_config, ratio, max_downsample)[0]
+        return tomesd_flops(unet_config, ratio, max_downsample).unet
 
-    if flops(TOMESD_MAX_RATIO) > target_flops * 1.005:
+    if flops(MAX_RATIO) > target_flops * 1.005:
         return None
-    low, high = 0.0, TOMESD_MAX_RATIO
+    low, high = 0.0, MAX_RATIO
     for _ in range(20):
         middle = (low + high) / 2
         if flops(middle) > target_flops:
@@ -175,8 +152,8 @@ def count_flops(unet_config: dict, runs: list[Run], num_steps: int) -> tuple[lis
                 continue
             run = Run(run.name, run.method, run.group, tomesd_ratio=round(ratio, 5),
                       tomesd_max_downsample=run.tomesd_max_downsample, budget_ratio=run.budget_ratio)
-            unet_flops, matching = count_tomesd_flops(unet_config, run.tomesd_ratio, run.tomesd_max_downsample)
-            counted[run.name] = {"unet_flops": unet_flops, "extra_flops": matching}
+            flops = tomesd_flops(unet_config, run.tomesd_ratio, run.tomesd_max_downsample)
+            counted[run.name] = {"unet_flops": flops.unet, "extra_flops": flops.matching}
         else:
             counted[run.name] = {"unet_flops": full, "extra_flops": 0.0}
         counted[run.name]["flops_vs_full"] = counted[run.name]["unet_flops"] / full
