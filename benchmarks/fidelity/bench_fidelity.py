@@ -11,7 +11,8 @@ Every configuration samples the same images: label i % 10 from the noise of seed
 * ``column_sum``: the same with K = 1 (one step of the walk: the attention each token receives);
 * ``random``: the same with uniform-noise scores (what the ranking is worth at this budget);
 * ``tomesd``: ToMe for SD (merging before self-attention, cross-attention and the MLP, in both
-  attention levels, ``max_downsample=4``), its ratio solved so that its FLOPs match; and
+  attention levels, ``max_downsample=4``), its ratio solved so that its FLOPs match
+  (``atedm.tome.solve_ratio``, within 0.5%); and
   ``tomesd_level2`` (``max_downsample=2``, the 256-token level only), where that can reach the budget.
 
 Budgets are AT-EDM prune ratios; FLOPs are counted on the meta device with
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import atedm
-from atedm.tome import MAX_RATIO, TomeFlops, count_tome_flops
+from atedm.tome import TomeFlops, count_tome_flops, solve_ratio
 from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, write_rows
 
 from .model import IMAGE_SIZE, MODEL_DIR, NUM_CLASSES, FidelityModel, load_digit_images, load_fidelity_model
@@ -61,6 +62,7 @@ OTHER_SEEDS_OFFSET = 500_000  # the "unrelated sample" floor: same labels, diffe
 # Ranking by noise and ToMe's random destination tokens draw from torch's global generator: seeding
 # it before every configuration makes each one reproducible on its own.
 GLOBAL_RNG_SEED = 1234
+TOMESD_MATCH_TOLERANCE = 0.005  # a budget ToMe misses by more than this (relative) is skipped
 ABLATION_RATIO = 0.63
 
 
@@ -88,22 +90,14 @@ def tomesd_flops(unet_config: dict, ratio: float, max_downsample: int) -> TomeFl
     return count_tome_flops(unet_config, tomesd_kwargs(ratio, max_downsample), FLOPS_IMAGE_SIZE, FLOPS_IMAGE_SIZE)
 
 
-def solve_tomesd_ratio(unet_config: dict, target_flops: float, max_downsample: int) -> float | None:
-    """The tomesd ratio whose UNet FLOPs come closest to ``target_flops``; None when even the largest
-    ratio cannot get within 0.5% of it. FLOPs fall with the ratio in steps (ToMe merges int(N * ratio))."""
-    def flops(ratio: float) -> float:
-        return tomesd_flops(unet_config, ratio, max_downsample).unet
+def matched_tomesd_ratio(unet_config: dict, target_flops: float, max_downsample: int, name: str) -> float:
+    """The tomesd ratio whose UNet FLOPs (its matching apart) come closest to ``target_flops``; a ValueError
+    where ToMe misses them by more than ``TOMESD_MATCH_TOLERANCE``."""
+    def unet_tflops_at(ratio: float) -> float:
+        return tomesd_flops(unet_config, ratio, max_downsample).unet / 1e12
 
-    if flops(MAX_RATIO) > target_flops * 1.005:
-        return None
-    low, high = 0.0, MAX_RATIO
-    for _ in range(20):
-        middle = (low + high) / 2
-        if flops(middle) > target_flops:
-            low = middle
-        else:
-            high = middle
-    return min((low, high), key=lambda ratio: abs(flops(ratio) - target_flops))
+    # Our 32x32 "latent": every patched level's token count divides its IMAGE_SIZE ** 2 tokens.
+    return solve_ratio(unet_tflops_at, target_flops / 1e12, IMAGE_SIZE**2, TOMESD_MATCH_TOLERANCE, name)
 
 
 def plan_runs(budget_ratios: list[float], include_ablations: bool) -> list[Run]:
@@ -145,12 +139,13 @@ def count_flops(unet_config: dict, runs: list[Run], num_steps: int) -> tuple[lis
             atedm_flops[run.budget_ratio, run.group] = counted[run.name]["unet_flops"]
         elif run.tomesd_max_downsample is not None:
             target = atedm_flops[run.budget_ratio, "budget"]
-            ratio = solve_tomesd_ratio(unet_config, target, run.tomesd_max_downsample)
-            if ratio is None:
+            try:
+                ratio = matched_tomesd_ratio(unet_config, target, run.tomesd_max_downsample, run.name)
+            except ValueError:
                 print(f"  {run.name}: tomesd cannot reach {target / 1e9:.3f} GFLOPs with max_downsample="
                       f"{run.tomesd_max_downsample}; skipped")
                 continue
-            run = Run(run.name, run.method, run.group, tomesd_ratio=round(ratio, 5),
+            run = Run(run.name, run.method, run.group, tomesd_ratio=ratio,
                       tomesd_max_downsample=run.tomesd_max_downsample, budget_ratio=run.budget_ratio)
             flops = tomesd_flops(unet_config, run.tomesd_ratio, run.tomesd_max_downsample)
             counted[run.name] = {"unet_flops": flops.unet, "extra_flops": flops.matching}
