@@ -24,6 +24,15 @@ import torch
 MAX_RATIO = 0.75  # one destination per 2x2 window: at most 3/4 of the tokens can merge
 
 
+def import_tomesd():
+    """tomesd, or an ImportError saying how to install it (an optional dependency)."""
+    try:
+        import tomesd
+    except ImportError as error:
+        raise ImportError("tomesd:<ratio> configs need the tomesd package: pip install tomesd") from error
+    return tomesd
+
+
 @dataclass(frozen=True)
 class TomeFlops:
     """FLOPs of one ToMe-patched UNet pass for one image."""
@@ -47,7 +56,6 @@ def _meta_unet(unet_config_json: str):
 def _count(unet_config_json: str, tome_kwargs: tuple, height: int, width: int) -> TomeFlops:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .evaluation.settings import import_tomesd
     from .flops import example_inputs
 
     tomesd = import_tomesd()

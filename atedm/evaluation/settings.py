@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..presets import PRESETS, get_preset
+from ..tome import MAX_RATIO, import_tomesd
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 STAGES = ("all", "generate", "metrics")
@@ -34,7 +35,6 @@ FID_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 TOME_MAX_DOWNSAMPLE = 2  # tomesd:<ratio>
 # tomesd@<target>: merge in every transformer block, the only ToMe setting that reaches AT-EDM's budgets.
 TOME_MATCHED = {"max_downsample": 4, "merge_crossattn": True, "merge_mlp": True}
-TOME_MAX_RATIO = 0.75  # one destination per 2x2 window: at most 3/4 of the tokens can merge
 FACTORY_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # module.path:callable
 
 
@@ -101,14 +101,6 @@ class MethodConfig:
         info["args"]["generator"] = torch.Generator(device=pipe.unet.device).manual_seed(seed)
 
 
-def import_tomesd():
-    try:
-        import tomesd
-    except ImportError as error:
-        raise ImportError("tomesd:<ratio> configs need the tomesd package: pip install tomesd") from error
-    return tomesd
-
-
 def parse_config(text: str) -> MethodConfig:
     """A ``MethodConfig`` from its command-line name; unknown names raise a ValueError listing the known ones."""
     name = text.strip()
@@ -123,8 +115,8 @@ def parse_config(text: str) -> MethodConfig:
         except ValueError:
             raise ValueError(f"config {text!r}: the ToMe ratio {value!r} is not a number (e.g. tomesd:0.5)") from None
         # tomesd merges into one destination per 2x2 window, so at most 3/4 of the tokens can go.
-        if not 0.0 < ratio <= TOME_MAX_RATIO:
-            raise ValueError(f"config {text!r}: the ToMe ratio must be in (0, {TOME_MAX_RATIO}]; got {ratio}")
+        if not 0.0 < ratio <= MAX_RATIO:
+            raise ValueError(f"config {text!r}: the ToMe ratio must be in (0, {MAX_RATIO}]; got {ratio}")
         return MethodConfig(f"tomesd:{ratio:g}", "tomesd", ratio)
     if name.startswith("tomesd@"):
         target = name.split("@", 1)[1].strip()

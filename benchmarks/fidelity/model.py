@@ -34,7 +34,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from atedm.cli import default_unet_config
+from atedm.unets import default_unet_config
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 IMAGE_SIZE = 32
