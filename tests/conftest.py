@@ -30,3 +30,9 @@ def assert_one_graph(fn, *args) -> None:
     explanation = torch._dynamo.explain(fn)(*args)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def fresh_seed() -> int:
+    """A seed drawn from the per-test RNG, for builders that reseed the global RNG themselves (the tiny
+    models, ``unet_inputs``): draw it before calling them."""
+    return int(torch.randint(0, 2**31 - 1, ()))

@@ -1,6 +1,7 @@
 """Inputs of the op tests, in one place: the device and dtypes, random Q/K/V and their lse, kept indices,
-tie-free scores and the near-tie guard of the recovery match, memory layouts (permuted, strided and expanded
-views over NaN-filled storage), and outputs that start poisoned.
+tie-free scores and the near-tie guards of the recovery match and of a top-k boundary, memory layouts
+(permuted, strided and expanded views over NaN-filled storage), outputs that start poisoned, and spies on
+the launchers (which kernels a call reached).
 
 Random values come from ``generator`` where one is given (the fuzz tests draw a seed; a CPU generator gives
 the same values on every device) and otherwise from the global RNG of the device the tensor lives on (the
@@ -10,7 +11,10 @@ unit tests, seeded per test by conftest).
 from __future__ import annotations
 
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 import torch
@@ -28,6 +32,20 @@ ON_CUDA = DEVICE.type == "cuda"
 FLOAT_DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if ON_CUDA else ())
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=requires_cuda)]
 MAP_RULES = ("attention", "attention_transposed", "symmetric")
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # conftest sets it off CUDA
+
+
+def dot_kernel_runs(dtype: torch.dtype) -> bool:
+    """Whether backend="triton" launches the kernels that multiply tiles with tl.dot (attention, the map,
+    G-WPR without a map or per head, the recompute and key-cosine matches) for inputs of ``dtype``. The
+    documented routing (atedm_kernels._dispatch): compiled for a GPU, fp32 takes the PyTorch path; the
+    interpreter runs every dtype. Tests that draw fp32 assert this instead of comparing the reference with
+    itself."""
+    return not (ON_CUDA and not INTERPRETED and dtype == torch.float32)
+
+
+# For a test of one dtype that must reach those kernels: fp32 where it does, else fp16.
+DOT_KERNEL_DTYPE = torch.float32 if dot_kernel_runs(torch.float32) else torch.float16
 
 # ---------------------------------------------------------------- random values
 
@@ -109,6 +127,17 @@ def tie_safe_rows(keep, num_tokens: int, rule: str, margin=NEAR_TIE_MARGIN, atte
         top2 = sim.topk(2, dim=-1).values
         safe = (top2[..., 0] - top2[..., 1]) > margin * top2[..., 0].abs().clamp_min(1e-30)
     return safe.scatter(1, keep, True)
+
+
+def tie_safe_keep_count(scores: torch.Tensor, wanted: int, band) -> int:
+    """The keep count nearest ``wanted`` at which no image's top-k boundary is a near tie: the k-th and
+    (k+1)-th reference scores differ by more than twice ``band(score)``, the error each side may carry.
+    N (keep everything) is always safe."""
+    ordered = scores.sort(dim=-1, descending=True).values.double()
+    n = ordered.shape[-1]
+    gaps = ordered[:, :-1] - ordered[:, 1:]  # gaps[:, j]: between the (j+1)-th and (j+2)-th best
+    safe = (gaps > 2 * band(ordered[:, :-1])).all(dim=0).tolist() + [True]  # safe[c - 1]: keep count c
+    return min((c for c in range(1, n + 1) if safe[c - 1]), key=lambda c: (abs(c - wanted), c))
 
 
 # ---------------------------------------------------------------- memory layouts
@@ -220,3 +249,28 @@ def poisoned_source(keep, num_tokens: int, rule: str, attention_map=None, keys=N
     _recovery_source_into(src.view, keep, num_tokens, rule, attention_map, keys, queries, lse, scale)
     src.assert_outside_untouched(-7)
     return src.view
+
+
+# ---------------------------------------------------------------- spies on the launchers
+
+
+@contextmanager
+def spy(module, name: str):
+    """Record each call of ``module.name`` as (args, kwargs) while the block runs; the call still happens.
+    Patches the module's global, so calls made through that name (inside custom ops too) are seen."""
+    calls = []
+    real = getattr(module, name)
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    with mock.patch.object(module, name, recording):
+        yield calls
+
+
+def assert_dot_routing(launches: list, dtype: torch.dtype, expected: int = 1) -> None:
+    """A tl.dot op called with backend="triton" (its launcher spied on) launched its kernel ``expected``
+    times, or not at all where fp32 takes the PyTorch path (``dot_kernel_runs``): on a GPU an fp32 case
+    then checks that routing, not a kernel."""
+    assert len(launches) == (expected if dot_kernel_runs(dtype) else 0), (len(launches), dtype)

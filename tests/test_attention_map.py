@@ -7,17 +7,12 @@ then apply to O(1) numbers, as they do for the other ops. On a GPU run ``TRITON_
 import pytest
 import torch
 from conftest import assert_one_graph
-from op_inputs import DEVICE, DTYPES, random_normal, random_q_k_lse, row_lse
-from tolerances import tol
+from op_inputs import DEVICE, DTYPES, assert_dot_routing, random_normal, random_q_k_lse, row_lse, spy
+from tolerances import map_tol, tol
 
 from atedm_kernels import attention_with_lse_ref, attention_with_map, head_mean_attention_map, head_mean_attention_map_ref
 from atedm_kernels import attention_map as attention_map_module
 from atedm_kernels.attention_map import _head_mean_attention_map_launch, map_query_block
-
-def _map_tol(dtype, out_dtype):
-    """The coarser of the input and the storage dtype: fp16 storage alone flips last bits (1e-3 relative)."""
-    return max(tol(dtype), tol(out_dtype), key=lambda t: t["atol"])
-
 
 def test_reference_is_the_head_mean_of_softmax():
     q, k, lse = random_q_k_lse(2, 3, 21, 34, 16, scale=0.4)
@@ -44,7 +39,7 @@ def test_triton_matches_reference(dtype, out_dtype, batch, heads, n_q, n_k, head
     _, partials = _head_mean_attention_map_launch(q, k, lse, head_dim**-0.5, out_dtype, column_sums=True, out=abar)
     assert torch.isfinite(abar).all(), "kernel left poisoned elements unwritten"
     ref = head_mean_attention_map_ref(q, k, lse, out_dtype=out_dtype)
-    torch.testing.assert_close(abar.float() * n_k, ref.float() * n_k, **_map_tol(dtype, out_dtype))
+    torch.testing.assert_close(abar.float() * n_k, ref.float() * n_k, **map_tol(dtype, out_dtype))
 
     # The by-product: one row of column sums per query block, summing to Abar's column sums.
     assert partials.shape == (batch, -(-n_q // map_query_block()), n_k)
@@ -57,10 +52,12 @@ def test_public_triton_path_with_diffusers_layout_and_scale(dtype):
     batch, n, heads, head_dim = 2, 41, 3, 16
     q, k = (random_normal((batch, n, heads, head_dim), dtype).transpose(1, 2) for _ in range(2))
     lse = row_lse(q, k, scale=0.3)
-    abar = head_mean_attention_map(q, k, lse, scale=0.3, out_dtype=torch.float16, backend="triton")
+    with spy(attention_map_module, "_head_mean_attention_map_launch") as launches:
+        abar = head_mean_attention_map(q, k, lse, scale=0.3, out_dtype=torch.float16, backend="triton")
+    assert_dot_routing(launches, dtype)  # the kernel, or fp32's PyTorch path on a GPU
     ref = head_mean_attention_map_ref(q, k, lse, scale=0.3, out_dtype=torch.float16)
     assert abar.shape == (batch, n, n) and abar.dtype == torch.float16
-    torch.testing.assert_close(abar.float() * n, ref.float() * n, **_map_tol(dtype, torch.float16))
+    torch.testing.assert_close(abar.float() * n, ref.float() * n, **map_tol(dtype, torch.float16))
 
 
 def test_bad_shapes_raise():

@@ -8,9 +8,10 @@ interpreter computes garbage in bf16); the softmax scale and the query magnitude
 iterations 1..4 with both head reductions, over a given map, building one, or recomputing; every recovery
 similarity rule, from a map and recomputed from Q, K and lse; the tile sizes that launchers choose in
 Python (top-k, gather, recovery match); CFG mask modes, through top-k and through the whole
-``plan_token_pruning`` chain. Also: ``num_kept_tokens`` (k in [1, N], monotone), bad shapes (a ValueError on
-both backends, before any launch), empty dims (a ValueError or the reference's result, never a crash), and
-the CPU ``backend="torch"`` attention (aten's fused kernel) against the reference.
+``plan_token_pruning`` chain. Also: ``num_kept_tokens`` (k in [1, N], monotone), bad shapes (the op's own
+ValueError on both backends, with every launcher rigged to fail), empty dims (that ValueError before any
+launch, or the reference's result, never a crash), and the CPU ``backend="torch"`` attention (aten's fused
+kernel) against the reference.
 
 How a property fails. Discrete outputs (indices, copies) must be equal. Top-k compares exact fp32 keys and
 the map match adds the same fp32 values as the reference, so both must agree even on ties; the recompute
@@ -20,7 +21,9 @@ and the whole plan (fp16 map against the reference's fp32) moves the keep count 
 reference scores. Floating outputs use ``tests/tolerances.py``, scaled to O(1) numbers where the op's
 values are ~1/N. Outputs written through ``out=`` start poisoned (NaN, or -1 for indices), must be fully
 written, and the storage around a strided output view must stay untouched. Input storage gaps hold NaN, so
-a read outside a view shows up as a wrong result.
+a read outside a view shows up as a wrong result. A public op whose kernel multiplies with ``tl.dot`` must
+have launched it, except for fp32 on a compiled GPU run, where it must not have (the documented routing to
+PyTorch): such a case then checks the routing, not a kernel.
 
 Budget. Every property runs ``ATEDM_FUZZ_EXAMPLES`` examples (default 15), derandomized so CI sees the same
 examples on every run; an interpreter cost model (``WORK_CAP``) bounds the shapes so that the file runs in
@@ -38,7 +41,8 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import nullcontext
+import re
+from contextlib import ExitStack, contextmanager, nullcontext
 from unittest import mock
 
 import pytest
@@ -51,6 +55,7 @@ from op_inputs import (
     MAP_RULES,
     ON_CUDA,
     Layout,
+    assert_dot_routing,
     laid_out,
     layouts,
     place,
@@ -62,10 +67,12 @@ from op_inputs import (
     random_q_k_lse,
     random_qkv,
     random_row_stochastic,
+    spy,
     tie_free_scores,
+    tie_safe_keep_count,
     tie_safe_rows,
 )
-from tolerances import tol
+from tolerances import assert_scores_close, map_tol, tol
 
 from atedm_kernels import (
     CFG_MASK_MODES,
@@ -89,7 +96,7 @@ from atedm_kernels import (
     topk_keep_indices,
     topk_keep_indices_ref,
 )
-from atedm_kernels import gwpr, recovery, topk_gather
+from atedm_kernels import attention_lse, attention_map, gwpr, recovery, topk_gather
 from atedm_kernels.attention_lse import _attention_with_lse_launch
 from atedm_kernels.attention_map import _head_mean_attention_map_launch, head_probabilities, map_query_block
 from atedm_kernels.gwpr import _map_power_step, _weighted_column_sums
@@ -174,13 +181,6 @@ def tile_sizes(module, name: str, value):
     return nullcontext() if value is None else mock.patch.object(module, name, lambda *args, **kwargs: value)
 
 
-def assert_scores_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    """G-WPR scores are a distribution (~1/N each): compare N * scores so the tolerances see O(1) numbers."""
-    n = ref.shape[-1]
-    assert got.shape == ref.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got * n, ref * n, **tol(dtype))
-
-
 # ---------------------------------------------------------------- attention_with_lse
 
 
@@ -215,7 +215,9 @@ def test_attention_with_lse(
         got_out, got_lse = out.view, lse.view
         assert torch.isfinite(got_out).all() and torch.isfinite(got_lse).all(), "kernel left poisoned elements"
     else:
-        got_out, got_lse = attention_with_lse(q, k, v, scale, backend="triton")
+        with spy(attention_lse, "_attention_with_lse_launch") as launches:
+            got_out, got_lse = attention_with_lse(q, k, v, scale, backend="triton")
+        assert_dot_routing(launches, dtype)
     assert got_out.shape == q.shape and got_out.dtype == dtype and got_lse.dtype == torch.float32
     torch.testing.assert_close(got_out.float(), ref_out.float(), **tol(dtype))
     torch.testing.assert_close(got_lse, ref_lse, **tol(dtype))
@@ -272,8 +274,6 @@ def test_head_mean_attention_map(
     q, k, lse = random_q_k_lse(batch, heads, n_q, n_k, head_dim, dtype, scale, generator=gen, sharp=sharp,
                                q_layout=q_layout, k_layout=k_layout, lse_layout=lse_layout)
     ref = head_mean_attention_map_ref(q, k, lse, scale, out_dtype)
-    # Map entries are ~1/Nk: compare Nk * Abar under the coarser of the input and the storage tolerance.
-    map_tol = max(tol(dtype), tol(out_dtype), key=lambda t: t["atol"])
     if poisoned:
         abar = place(torch.full_like(ref, float("nan")), out_layout)
         scale_value = head_dim**-0.5 if scale is None else scale
@@ -288,9 +288,12 @@ def test_head_mean_attention_map(
         ref_column_sums = head_mean_attention_map_ref(q, k, lse, scale).sum(dim=1)
         torch.testing.assert_close(partials.sum(dim=1) * n_k / n_q, ref_column_sums * n_k / n_q, **tol(dtype))
     else:
-        got = head_mean_attention_map(q, k, lse, scale, out_dtype, backend="triton")
+        with spy(attention_map, "_head_mean_attention_map_launch") as launches:
+            got = head_mean_attention_map(q, k, lse, scale, out_dtype, backend="triton")
+        assert_dot_routing(launches, dtype)
     assert got.shape == (batch, n_q, n_k) and got.dtype == out_dtype
-    torch.testing.assert_close(got.float() * n_k, ref.float() * n_k, **map_tol)
+    # Map entries are ~1/Nk: compare Nk * Abar under the coarser of the input and the storage tolerance.
+    torch.testing.assert_close(got.float() * n_k, ref.float() * n_k, **map_tol(dtype, out_dtype))
 
 
 # ---------------------------------------------------------------- gwpr_scores
@@ -344,8 +347,10 @@ def test_gwpr_mean_without_a_map(case, materialize, dtype, scale, q_layout, k_la
     gen = torch.Generator().manual_seed(seed)
     q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype, scale, generator=gen, sharp=sharp,
                                q_layout=q_layout, k_layout=k_layout, lse_layout=lse_layout)
-    with mock.patch.object(gwpr, "materialize_attention_map", lambda *args, **kwargs: materialize):
+    with mock.patch.object(gwpr, "materialize_attention_map", lambda *args, **kwargs: materialize), \
+            spy(gwpr, "_gwpr_scores_launch") as launches:
         got = gwpr_scores(q, k, lse, iterations, "mean", scale, backend="triton")
+    assert_dot_routing(launches, dtype)
     assert_scores_close(got, gwpr_scores_ref(q, k, lse, iterations, "mean", scale), dtype)
 
 
@@ -365,7 +370,9 @@ def test_gwpr_rms(case, dtype, scale, q_layout, k_layout, lse_layout, sharp, see
     gen = torch.Generator().manual_seed(seed)
     q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype, scale, generator=gen, sharp=sharp,
                                q_layout=q_layout, k_layout=k_layout, lse_layout=lse_layout)
-    got = gwpr_scores(q, k, lse, iterations, "rms", scale, backend="triton")
+    with spy(gwpr, "_gwpr_scores_launch") as launches:
+        got = gwpr_scores(q, k, lse, iterations, "rms", scale, backend="triton")
+    assert_dot_routing(launches, dtype)
     assert_scores_close(got, gwpr_scores_ref(q, k, lse, iterations, "rms", scale), dtype)
 
 
@@ -559,10 +566,18 @@ def assert_same_source(got: torch.Tensor, expected: torch.Tensor, safe: torch.Te
 
 
 def match(poisoned: bool, src_layout: Layout, keep, n: int, rule: str, **operands) -> torch.Tensor:
-    """The Triton match, through the public op or into a poisoned source buffer laid out as given."""
-    if not poisoned:
-        return recovery_source(keep, n, rule, backend="triton", **operands)
-    return poisoned_source(keep, n, rule, layout=src_layout, **operands)
+    """The Triton match, through the public op or into a poisoned source buffer laid out as given. The
+    poisoned launch always runs the kernel; the public op runs it as the backend routing documents (the
+    recompute and key-cosine matches multiply with tl.dot, so fp32 takes the PyTorch path on a GPU)."""
+    if poisoned:
+        return poisoned_source(keep, n, rule, layout=src_layout, **operands)
+    with spy(recovery, "_recovery_source_into") as launches:
+        src = recovery_source(keep, n, rule, backend="triton", **operands)
+    if operands.get("attention_map") is None:
+        assert_dot_routing(launches, operands["keys"].dtype)
+    else:
+        assert len(launches) == 1  # reading a map needs no tl.dot: the kernel runs for every dtype
+    return src
 
 
 match_blocks = st.sampled_from((None, (16, 16, 4), (16, 64, 4), (32, 16, 4), (64, 32, 4)))
@@ -682,17 +697,6 @@ def test_recovery_source_key_cosine(data, dtype, keys_layout, keep_layout, poiso
 # ---------------------------------------------------------------- plan_token_pruning: the ops chained
 
 
-def tie_safe_keep_count(scores: torch.Tensor, wanted: int, band) -> int:
-    """The keep count nearest ``wanted`` at which no image's top-k boundary is a near tie: the k-th and
-    (k+1)-th reference scores differ by more than twice ``band(score)``, the tolerance each side may be off
-    by. N (keep everything) is always safe."""
-    ordered = scores.sort(dim=-1, descending=True).values.double()
-    n = ordered.shape[-1]
-    gaps = ordered[:, :-1] - ordered[:, 1:]  # gaps[:, j]: between the (j+1)-th and (j+2)-th best
-    safe = (gaps > 2 * band(ordered[:, :-1])).all(dim=0).tolist() + [True]  # safe[c - 1]: keep count c
-    return min((c for c in range(1, n + 1) if safe[c - 1]), key=lambda c: (abs(c - wanted), c))
-
-
 @st.composite
 def plan_shapes(draw, cfg_mode: str, iterations: int):
     """(B, H, N, d) for a whole plan: up to K + 2 passes over the map (its build or K recompute steps, and a
@@ -772,6 +776,53 @@ def test_num_kept_tokens_rejects_ratios_outside_unit_interval(n, ratio):
 
 # ---------------------------------------------------------------- validation: bad shapes raise ValueError
 
+# The messages of each op's own checks. A ValueError from elsewhere (a reference unpacking a shape of the
+# wrong rank raises one too) matches none of them.
+QK_LSE_ERRORS = r"q and k must be \(B, H, N, d\)|lse must be \(B, H, Nq\)|q and k need at least one head"
+RECOVERY_OPERAND_ERRORS = {
+    "keys": r"rule 'key_cosine' needs keys \(B=",
+    "map": r"needs attention_map \(B, N, N\)",
+    "recompute": r"recomputing the attention map needs",
+}
+OP_ERRORS = {
+    "attention": r"q, k, v must be \(B, H, N, d\)|incompatible q, k, v shapes|attention needs at least one key",
+    "map": QK_LSE_ERRORS,
+    "gwpr": QK_LSE_ERRORS + r"|G-WPR needs a square|G-WPR needs at least one token|unknown head_reduction"
+                            r"|iterations must be an int|attention_map must be \(B, N, N\)",
+    "topk": r"scores must be \(B, N\)|k must be an int in \[1, N=",
+    "gather": r"expected x \(B, N, C\) and keep_idx \(B, k\)|keep_idx keeps \d+ tokens of a stream",
+    "scatter": r"expected kept \(B, k, C\) and src \(B, N\)|kept holds no rows",
+    "recovery": r"keep_idx must be \(B, k\)|" + "|".join(RECOVERY_OPERAND_ERRORS.values()),
+}
+# Every function that starts a kernel: ours, and on a GPU PyTorch's fused attention providers.
+LAUNCHERS = (
+    (attention_lse, "_attention_with_lse_launch"),
+    (attention_lse, "_attention_with_lse_on_cuda"),
+    (attention_map, "_head_mean_attention_map_launch"),
+    (gwpr, "_gwpr_scores_launch"),
+    (topk_gather, "_topk_keep_indices_into"),
+    (topk_gather, "_gather_rows_into"),
+    (recovery, "_gather_rows_into"),
+    (recovery, "_recovery_source_into"),
+)
+
+
+@contextmanager
+def kernel_launches(forbidden: bool):
+    """The names of the launchers called while the block runs; where ``forbidden``, a call raises
+    AssertionError instead (which no ``pytest.raises(ValueError)`` swallows)."""
+    launched = []
+    with ExitStack() as patches:
+        for module, name in LAUNCHERS:
+            def launcher(*args, _real=getattr(module, name), _name=name, **kwargs):
+                launched.append(_name)
+                if forbidden:
+                    raise AssertionError(f"{_name} was called before the op rejected its inputs")
+                return _real(*args, **kwargs)
+
+            patches.enter_context(mock.patch.object(module, name, launcher))
+        yield launched
+
 
 @st.composite
 def broken_shape(draw, shape: tuple, dims: tuple):
@@ -794,7 +845,8 @@ def _tensors(shapes: dict) -> dict:
 
 @st.composite
 def invalid_calls(draw):
-    """(op name, call(backend)) for a call with one operand's shape broken; every op checks before launching."""
+    """(op name, call(backend), the message it must raise) for a call with one operand's shape broken, or a
+    bad argument; every op checks before launching."""
     op = draw(st.sampled_from(("attention", "map", "gwpr", "topk", "gather", "recovery", "scatter")))
     b, h, n, n2 = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
     d = draw(st.sampled_from((16, 40)))
@@ -807,49 +859,56 @@ def invalid_calls(draw):
         shapes = breaking(dict(q=(b, h, n, d), k=(b, h, n2, d), v=(b, h, n2, d)),
                           dict(q=(0, 1, 3), k=(0, 1, 2, 3), v=(0, 1, 2, 3)))
         t = _tensors(shapes)
-        return op, lambda backend: attention_with_lse(t["q"], t["k"], t["v"], backend=backend)
+        return op, lambda backend: attention_with_lse(t["q"], t["k"], t["v"], backend=backend), OP_ERRORS[op]
     if op == "map":
         shapes = breaking(dict(q=(b, h, n, d), k=(b, h, n2, d), lse=(b, h, n)),
                           dict(q=(0, 1, 2, 3), k=(0, 1, 3), lse=(0, 1, 2)))
         t = _tensors(shapes)
-        return op, lambda backend: head_mean_attention_map(t["q"], t["k"], t["lse"], backend=backend)
+        return op, lambda backend: head_mean_attention_map(t["q"], t["k"], t["lse"], backend=backend), OP_ERRORS[op]
     if op == "gwpr":
         reduction = draw(st.sampled_from(HEAD_REDUCTIONS))
         shapes = dict(q=(b, h, n, d), k=(b, h, n, d), lse=(b, h, n), attention_map=(b, n, n))
         constrained = dict(q=(0, 1, 2, 3), k=(0, 1, 2, 3), lse=(0, 1, 2), attention_map=(0, 1, 2))
-        iterations = 2
+        iterations, message = 2, OP_ERRORS[op]
         if draw(st.booleans()):
             shapes = breaking(shapes, constrained)
         else:  # a bad argument instead of a bad shape
             bad = draw(st.sampled_from(("iterations", "head_reduction")))
             iterations = draw(st.sampled_from((0, -1, 2.0, None))) if bad == "iterations" else iterations
             reduction = "max" if bad == "head_reduction" else reduction
+            message = "iterations must be an int" if bad == "iterations" else "unknown head_reduction"
         t = _tensors(shapes)
         return op, lambda backend: gwpr_scores(t["q"], t["k"], t["lse"], iterations, reduction,
-                                                attention_map=t["attention_map"], backend=backend)
+                                                attention_map=t["attention_map"], backend=backend), message
     if op == "topk":
         if draw(st.booleans()):
             scores, k = torch.rand(draw(broken_shape((b, n), ())), device=DEVICE), 1
+            message = r"scores must be \(B, N\)"
         else:
             scores, k = torch.rand(b, n, device=DEVICE), draw(st.sampled_from((0, -1, n + 1, 1.0, None)))
-        return op, lambda backend: topk_keep_indices(scores, k, backend=backend)
+            message = r"k must be an int in \[1, N="
+        return op, lambda backend: topk_keep_indices(scores, k, backend=backend), message
     if op == "gather":
         if draw(st.booleans()):
             shapes = breaking(dict(x=(b, n, n2), keep_idx=(b, 1)), dict(x=(0,), keep_idx=(0,)))
+            message = r"expected x \(B, N, C\) and keep_idx \(B, k\)"
         else:  # more kept rows than the stream has tokens (an empty stream included)
             n = draw(st.integers(0, 3))
             shapes = dict(x=(b, n, n2), keep_idx=(b, n + draw(st.integers(1, 3))))
+            message = "keep_idx keeps"
         x = torch.rand(shapes["x"], device=DEVICE)
         keep = torch.zeros(shapes["keep_idx"], dtype=torch.int64, device=DEVICE)
-        return op, lambda backend: gather_tokens(x, keep, backend=backend)
+        return op, lambda backend: gather_tokens(x, keep, backend=backend), message
     if op == "scatter":
         if draw(st.booleans()):
             shapes = breaking(dict(kept=(b, 1, n2), src=(b, n)), dict(kept=(0,), src=(0,)))
+            message = r"expected kept \(B, k, C\) and src \(B, N\)"
         else:  # no kept rows to refill N >= 1 tokens from
             shapes = dict(kept=(b, 0, n2), src=(b, n))
+            message = "kept holds no rows"
         kept = torch.rand(shapes["kept"], device=DEVICE)
         src = torch.zeros(shapes["src"], dtype=torch.int64, device=DEVICE)
-        return op, lambda backend: scatter_recover(kept, src, backend=backend)
+        return op, lambda backend: scatter_recover(kept, src, backend=backend), message
     rule = draw(st.sampled_from(SIMILARITY_RULES))
     k = draw(st.integers(1, n))
     mode = "keys" if rule == "key_cosine" else draw(st.sampled_from(("map", "recompute")))
@@ -862,6 +921,8 @@ def invalid_calls(draw):
         constrained = dict(queries=(0, 1, 2, 3), keys=(0, 1, 2, 3), lse=(0, 1, 2))
     keep_shape = (b, k)
     broken = draw(st.sampled_from(("operand", "keep_rank", "keep_batch", "keep_count")))
+    # A keep list of another batch passes its own check and then fails the operands' (B, ...) check.
+    message = RECOVERY_OPERAND_ERRORS[mode] if broken in ("operand", "keep_batch") else r"keep_idx must be \(B, k\)"
     if broken == "operand":
         shapes = breaking(shapes, constrained)
     elif broken == "keep_rank":
@@ -872,18 +933,19 @@ def invalid_calls(draw):
         keep_shape = (b, draw(st.sampled_from((0, n + 1, n + 3))))
     t = _tensors(shapes)
     keep = torch.zeros(keep_shape, dtype=torch.int64, device=DEVICE)
-    return op, lambda backend: recovery_source(keep, n, rule, backend=backend, **t)
+    return op, lambda backend: recovery_source(keep, n, rule, backend=backend, **t), message
 
 
 @fuzz
 @given(case=invalid_calls())
 def test_bad_shapes_raise_value_error(case):
-    """Every public op rejects a broken shape with a ValueError on both backends, before any launch (an
-    out-of-bounds read under the interpreter or on a GPU would crash the process or return garbage)."""
-    op, call = case
+    """Every public op rejects a broken shape with its own ValueError on both backends, before any launch (an
+    out-of-bounds read under the interpreter or on a GPU would crash the process or return garbage): here a
+    launch raises AssertionError."""
+    op, call, message = case
     event(f"invalid call: {op}")
     for backend in ("torch", "triton"):
-        with pytest.raises(ValueError):
+        with kernel_launches(forbidden=True), pytest.raises(ValueError, match=message):
             call(backend)
 
 
@@ -945,14 +1007,17 @@ def degenerate_calls(draw):
 @fuzz
 @given(case=degenerate_calls())
 def test_degenerate_shapes_raise_value_error_or_match_the_reference(case):
-    """Empty dims (B, H, N, d, C or k = 0): both backends refuse the call with a ValueError, or both give
-    the reference's result; never another exception, never a crash."""
+    """Empty dims (B, H, N, d, C or k = 0): both backends refuse the call with the op's own ValueError before
+    any launch, or both give the reference's result; never another exception, never a crash."""
     op, call, reference = case
     try:
-        got = call("triton")
-    except ValueError:
+        with kernel_launches(forbidden=False) as launched:
+            got = call("triton")
+    except ValueError as error:
         event(f"degenerate {op}: ValueError")
-        with pytest.raises(ValueError):
+        assert re.search(OP_ERRORS[op], str(error)), error
+        assert launched == []
+        with kernel_launches(forbidden=True), pytest.raises(ValueError, match=OP_ERRORS[op]):
             call("torch")
         return
     event(f"degenerate {op}: computed")

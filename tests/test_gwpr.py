@@ -8,8 +8,8 @@ tolerances apply to O(1) numbers. On a GPU run ``TRITON_INTERPRET=0``.
 import pytest
 import torch
 from conftest import assert_one_graph
-from op_inputs import DEVICE, DTYPES, random_q_k_lse, random_row_stochastic
-from tolerances import tol
+from op_inputs import DEVICE, DTYPES, assert_dot_routing, random_q_k_lse, random_row_stochastic, spy
+from tolerances import assert_scores_close, tol
 
 from atedm_kernels import (
     gwpr_power_iteration_ref,
@@ -92,31 +92,29 @@ def test_weighted_column_sums_kernel(dtype, shared_state):
     torch.testing.assert_close(out, torch.einsum("bhi,bhij->bhj", state, probs), **tol(dtype))
 
 
-def _assert_scores_close(scores, ref, dtype):
-    n = ref.shape[-1]
-    assert scores.shape == ref.shape and scores.dtype == torch.float32
-    torch.testing.assert_close(scores * n, ref * n, **tol(dtype))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch, heads, n, head_dim, iterations", [(1, 2, 33, 16, 1), (2, 3, 70, 32, 3)])
 def test_triton_mean_over_a_given_map(dtype, batch, heads, n, head_dim, iterations):
     q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype)
     amap = head_mean_attention_map_ref(q, k, lse, out_dtype=torch.float16)
     scores = gwpr_scores(q, k, lse, iterations, "mean", attention_map=amap, backend="triton")
-    _assert_scores_close(scores, gwpr_scores_ref(q, k, lse, iterations, "mean", attention_map=amap), dtype)
+    assert_scores_close(scores, gwpr_scores_ref(q, k, lse, iterations, "mean", attention_map=amap), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("materialize", [True, False])
 @pytest.mark.parametrize("batch, heads, n, head_dim, iterations", [(1, 2, 33, 16, 1), (2, 3, 70, 40, 3)])
 def test_triton_mean_without_a_map(monkeypatch, dtype, materialize, batch, heads, n, head_dim, iterations):
-    """Both sides of ``materialize_attention_map``: build Abar (step 1 from its column sums) or recompute."""
+    """Both sides of ``materialize_attention_map``: build Abar once (step 1 from its column sums) or run one
+    recompute step per iteration, each proven taken (fp32 on a GPU takes the PyTorch path instead)."""
     monkeypatch.setattr(gwpr, "materialize_attention_map", lambda *args, **kwargs: materialize)
     q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype, scale=0.15)
-    scores = gwpr_scores(q, k, lse, iterations, "mean", scale=0.15, backend="triton")
+    kernel = "_head_mean_attention_map_launch" if materialize else "_weighted_column_sums"
+    with spy(gwpr, kernel) as launches:
+        scores = gwpr_scores(q, k, lse, iterations, "mean", scale=0.15, backend="triton")
+    assert_dot_routing(launches, dtype, 1 if materialize else iterations)
     ref = gwpr_scores_ref(q, k, lse, iterations, "mean", scale=0.15)
-    _assert_scores_close(scores, ref, dtype)
+    assert_scores_close(scores, ref, dtype)
     torch.testing.assert_close(scores.sum(dim=-1), torch.ones(batch, device=DEVICE), **tol(dtype))
 
 
@@ -126,8 +124,10 @@ def test_triton_mean_without_a_map(monkeypatch, dtype, materialize, batch, heads
 )
 def test_triton_rms(dtype, batch, heads, n, head_dim, iterations):
     q, k, lse = random_q_k_lse(batch, heads, n, n, head_dim, dtype)
-    scores = gwpr_scores(q, k, lse, iterations, "rms", backend="triton")
-    _assert_scores_close(scores, gwpr_scores_ref(q, k, lse, iterations, "rms"), dtype)
+    with spy(gwpr, "_weighted_column_sums") as launches:
+        scores = gwpr_scores(q, k, lse, iterations, "rms", backend="triton")
+    assert_dot_routing(launches, dtype, iterations)  # one step per iteration, or fp32's PyTorch path on a GPU
+    assert_scores_close(scores, gwpr_scores_ref(q, k, lse, iterations, "rms"), dtype)
 
 
 def test_materialize_heuristic_at_sdxl_shapes():

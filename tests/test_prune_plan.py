@@ -3,29 +3,72 @@
 import pytest
 import torch
 from conftest import requires_cuda
-from op_inputs import random_q_k_lse, random_qkv, row_lse
+from op_inputs import (
+    DOT_KERNEL_DTYPE,
+    NEAR_TIE_MARGIN,
+    random_q_k_lse,
+    random_qkv,
+    row_lse,
+    spy,
+    tie_safe_keep_count,
+    tie_safe_rows,
+)
 from tolerances import tol
 
 import atedm_kernels.prune_plan as prune_plan
-from atedm_kernels import attention_with_map, one_pass_map_applies, plan_token_pruning
+from atedm_kernels import (
+    SIMILARITY_RULES,
+    attention_with_map,
+    gwpr_scores_ref,
+    head_mean_attention_map_ref,
+    one_pass_map_applies,
+    plan_token_pruning,
+)
+from atedm_kernels import gwpr, recovery
 
 
-@pytest.mark.parametrize("similarity", ["attention", "attention_transposed", "symmetric", "key_cosine"])
+def off_near_ties(q, k, lse, wanted: int, iterations: int) -> int:
+    """The keep count nearest ``wanted`` whose top-k boundary is no near tie of the reference G-WPR scores,
+    so that plans computing those scores with another rounding must keep the same tokens."""
+    n = q.shape[2]
+    return tie_safe_keep_count(gwpr_scores_ref(q, k, lse, iterations) * n, wanted, lambda s: NEAR_TIE_MARGIN * s.abs())
+
+
+def similarity_operands(similarity: str, q, k, lse) -> dict:
+    """What ``tie_safe_rows`` reads for a rule: the fp32 map for the map rules, the keys for key cosine."""
+    return dict(keys=k) if similarity == "key_cosine" else dict(attention_map=head_mean_attention_map_ref(q, k, lse))
+
+
+@pytest.mark.parametrize("similarity", SIMILARITY_RULES)
 def test_recompute_path_matches_the_map_path(monkeypatch, similarity):
-    q, k, lse = random_q_k_lse(2, 2, 96, 96, 16, device="cpu")
-    maps_built = []
-    build_map = prune_plan.head_mean_attention_map
-    monkeypatch.setattr(prune_plan, "head_mean_attention_map",
-                        lambda *args, **kwargs: maps_built.append(1) or build_map(*args, **kwargs))
+    """The map-free kernels (G-WPR's recompute steps, the recompute or key-cosine match) against the PyTorch
+    plan over a materialized fp32 map: the same kept tokens (the count is moved off near ties of the scores)
+    and the same sources on every row whose best match is no near tie."""
+    n, iterations = 96, 2
+    q, k, lse = random_q_k_lse(2, 2, n, n, 16, DOT_KERNEL_DTYPE)  # fp32 would skip the kernels on a GPU
+    num_keep = off_near_ties(q, k, lse, 30, iterations)
+    options = dict(iterations=iterations, similarity=similarity)
     # Each path forced, and proven taken: at these shapes the heuristic alone would pick the same one twice.
     monkeypatch.setattr(prune_plan, "materialize_attention_map", lambda *args: True)
-    with_map = plan_token_pruning(q, k, lse, 30, iterations=2, similarity=similarity, backend="torch")
-    assert maps_built == [1]
+    with spy(prune_plan, "head_mean_attention_map") as maps_built:
+        with_map = plan_token_pruning(q, k, lse, num_keep, backend="torch", **options)
+    assert len(maps_built) == 1
     monkeypatch.setattr(prune_plan, "materialize_attention_map", lambda *args: False)
-    without_map = plan_token_pruning(q, k, lse, 30, iterations=2, similarity=similarity, backend="torch")
-    assert maps_built == [1]
-    assert torch.equal(with_map[0], without_map[0])
-    assert (with_map[1] == without_map[1]).float().mean() > 0.99  # argmax near-ties may flip in fp32
+    monkeypatch.setattr(gwpr, "materialize_attention_map", lambda *args, **kwargs: False)
+    with spy(prune_plan, "head_mean_attention_map") as maps_built, \
+            spy(gwpr, "_head_mean_attention_map_launch") as maps_launched, \
+            spy(gwpr, "_weighted_column_sums") as recompute_steps, \
+            spy(recovery, "_recovery_source_into") as matches:
+        without_map = plan_token_pruning(q, k, lse, num_keep, backend="triton", **options)
+    assert maps_built == [] and maps_launched == []
+    assert len(recompute_steps) == iterations
+    assert len(matches) == 1
+    match_args = matches[0][0]  # (src, keep, N, rule, attention_map, keys, queries, lse, scale)
+    assert match_args[3] == similarity and match_args[4] is None
+    assert match_args[6] is (None if similarity == "key_cosine" else q)  # the attention rules recompute from Q
+    assert torch.equal(without_map[0], with_map[0])
+    safe = tie_safe_rows(with_map[0], n, similarity, **similarity_operands(similarity, q, k, lse))
+    assert torch.equal(without_map[1][safe], with_map[1][safe])
 
 
 def test_shared_cond_mask_is_the_conditional_half_for_both():
@@ -39,7 +82,7 @@ def test_shared_cond_mask_is_the_conditional_half_for_both():
 
 @pytest.mark.parametrize("head_reduction", ["mean", "rms"])
 def test_triton_chain_matches_torch_chain(head_reduction):
-    q, k, lse = random_q_k_lse(1, 2, 80, 80, 16, device="cpu")
+    q, k, lse = random_q_k_lse(1, 2, 80, 80, 16)  # on DEVICE: compiled, backend="triton" refuses CPU tensors
     expected = plan_token_pruning(q, k, lse, 25, head_reduction=head_reduction, backend="torch")
     got = plan_token_pruning(q, k, lse, 25, head_reduction=head_reduction, backend="triton")
     assert torch.equal(got[0], expected[0])
@@ -78,22 +121,25 @@ def test_triton_chain_at_real_sdxl_shapes(shape, dtype):
 # --- the one-pass CPU route: Abar from attention_with_map, no lse --------------------------------
 
 
-@pytest.mark.parametrize("similarity", ["attention", "attention_transposed", "symmetric", "key_cosine"])
+@pytest.mark.parametrize("similarity", SIMILARITY_RULES)
 @pytest.mark.parametrize("ranking", ["gwpr", "random"])
 def test_plan_from_a_prebuilt_map_needs_no_lse(similarity, ranking):
-    q, k, v = random_qkv(2, 3, 72, 72, 16, device="cpu")
+    """The plan from the one-pass map without lse against the two-pass plan from the same Q and K with lse,
+    which builds (or recomputes) its own map: the same kept tokens at fp32 precision (the count moved off
+    near ties of the scores), the same sources on every row whose best match is no near tie."""
+    n, iterations = 72, 2
+    q, k, v = random_qkv(2, 3, n, n, 16, device="cpu")
     _, attention_map = attention_with_map(q, k, v)
     lse = row_lse(q, k)
-    switches = dict(iterations=2, similarity=similarity, ranking=ranking, backend="torch")
+    num_keep = off_near_ties(q, k, lse, 25, iterations) if ranking == "gwpr" else 25
+    switches = dict(iterations=iterations, similarity=similarity, ranking=ranking, backend="torch")
     torch.manual_seed(7)
-    got = plan_token_pruning(q, k, None, 25, attention_map=attention_map, **switches)
+    one_pass = plan_token_pruning(q, k, None, num_keep, attention_map=attention_map, **switches)
     torch.manual_seed(7)  # the random ranking draws the same scores in both calls
-    expected = plan_token_pruning(q, k, lse, 25, attention_map=attention_map, **switches)
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-    # and the one-pass map ranks like the two-pass fp32 map: same kept set at fp32 precision.
-    if ranking == "gwpr":
-        two_pass = plan_token_pruning(q, k, lse, 25, **switches)
-        assert torch.equal(got[0], two_pass[0])
+    two_pass = plan_token_pruning(q, k, lse, num_keep, **switches)
+    assert torch.equal(one_pass[0], two_pass[0])
+    safe = tie_safe_rows(two_pass[0], n, similarity, **similarity_operands(similarity, q, k, lse))
+    assert torch.equal(one_pass[1][safe], two_pass[1][safe])
 
 
 def test_plan_without_lse_refuses_what_needs_it():

@@ -7,6 +7,7 @@ import torch
 from conftest import requires_cuda
 from op_inputs import (
     DEVICE,
+    DOT_KERNEL_DTYPE,
     MAP_RULES,
     poisoned_row_copy,
     poisoned_source,
@@ -14,6 +15,7 @@ from op_inputs import (
     random_normal,
     random_permutations,
     random_q_k_lse,
+    spy,
     tie_safe_rows,
 )
 
@@ -160,13 +162,17 @@ def test_recompute_kernel_matches_reference(rule, dtype):
 @pytest.mark.parametrize("rule", MAP_RULES)
 def test_recompute_mode_agrees_with_map_mode(rule):
     scale = 0.2
-    q, k, lse = random_q_k_lse(1, 3, 97, 97, 24, scale=scale)
+    q, k, lse = random_q_k_lse(1, 3, 97, 97, 24, DOT_KERNEL_DTYPE, scale=scale)  # fp32 skips the kernel on a GPU
     amap = head_mean_attention_map_ref(q, k, lse, scale)
     keep = random_keep(1, 97, 30)
     assert_tie_free(keep, 97, rule, attention_map=amap)
     from_map = recovery_source(keep, 97, rule, attention_map=amap, backend="torch")
-    assert torch.equal(recovery_source(keep, 97, rule, keys=k, queries=q, lse=lse, scale=scale, backend="torch"), from_map)
-    assert torch.equal(recovery_source(keep, 97, rule, keys=k, queries=q, lse=lse, scale=scale, backend="triton"), from_map)
+    recompute = dict(keys=k, queries=q, lse=lse, scale=scale)
+    assert torch.equal(recovery_source(keep, 97, rule, backend="torch", **recompute), from_map)
+    with spy(recovery, "_recovery_source_into") as launches:
+        from_kernel = recovery_source(keep, 97, rule, backend="triton", **recompute)
+    assert len(launches) == 1 and launches[0][0][6] is q  # the recompute kernel ran, on these queries
+    assert torch.equal(from_kernel, from_map)
 
 
 def test_match_kernels_at_sdxl_level3_width():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from op_inputs import DEVICE, DTYPES
 from tolerances import tol
 
 from atedm_kernels import (
@@ -15,16 +16,19 @@ from atedm_kernels import (
 )
 from atedm_kernels import recovery
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # (B, widths): a stream of N = widths[0] tokens that pruning layer l cuts from widths[l] to widths[l + 1].
 CHAINS = [(1, (37, 20, 11, 4)), (2, (101, 64, 64, 9, 1)), (2, (45, 17)), (1, (1, 1, 1))]
-# bf16 only on CUDA: the interpreter computes on bf16's raw bits.
-DELTA_CASES = [
-    pytest.param(dtype, backend, id=f"{str(dtype)[6:]}-{backend}",
-                 marks=pytest.mark.skipif(dtype == torch.bfloat16 and backend == "triton" and DEVICE.type != "cuda",
-                                          reason="needs CUDA"))
-    for dtype in (torch.float32, torch.float16, torch.bfloat16) for backend in ("torch", "triton")
-]
+
+
+def _case(dtype_entry, backend: str):
+    """(dtype, backend) from a dtype or a DTYPES entry, keeping that entry's marks."""
+    dtype, marks = (dtype_entry.values[0], dtype_entry.marks) if hasattr(dtype_entry, "values") else (dtype_entry, ())
+    return pytest.param(dtype, backend, marks=marks, id=f"{str(dtype)[6:]}-{backend}")
+
+
+# The PyTorch path in every float dtype, the kernel in op_inputs' DTYPES (bf16 needs CUDA there).
+DELTA_CASES = ([_case(dtype, "torch") for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+               + [_case(entry, "triton") for entry in DTYPES])
 
 
 def random_chain(batch: int, widths: tuple[int, ...]) -> list[torch.Tensor]:

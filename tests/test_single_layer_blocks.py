@@ -16,6 +16,7 @@ from tolerances import tol
 import atedm
 from atedm.cli import default_unet_config
 from atedm.flops import flops_per_step
+from atedm_kernels import num_kept_tokens
 from tiny_models import run_unet, tiny_sdxl_unet, unet_inputs
 
 CROSS_DIM = 24
@@ -65,13 +66,25 @@ def test_every_single_layer_block_prunes_to_k_tokens(unet):
     inputs = sd15_inputs(height=16, width=12)
     expected = run_unet(unet, inputs)
     atedm.apply(unet, prune_ratio=0.6, dsap_fraction=0.0, **MODE)
-    got = run_unet(unet, inputs)
+    grid_tokens = {}  # block name -> tokens of the latent grid it received
+
+    def recorder(name):
+        def record(module, args):
+            grid_tokens[name] = args[0].shape[-2] * args[0].shape[-1]  # (B, C, H, W) input
+        return record
+
+    hooks = [unet.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in _attention_blocks(unet)]
+    try:
+        got = run_unet(unet, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
     state = atedm.get_state(unet)
-    assert sorted(state.blocks) == sorted(_attention_blocks(unet))  # all six SD 1.5 blocks, every level
+    assert sorted(state.blocks) == sorted(grid_tokens) == sorted(_attention_blocks(unet))  # every block, every level
+    assert sorted(set(grid_tokens.values())) == [4, 12, 48, 192]  # 16 x 12 down to the mid block's 2 x 2
     for name, block in state.blocks.items():
-        grid = unet.get_submodule(name)  # tokens = latent grid of that block
         assert block.pruned_calls == 1, name
-        assert block.kept_tokens[0] < 16 * 12 and block.kept_tokens[0] >= 1, (name, grid)
+        assert block.kept_tokens == (num_kept_tokens(grid_tokens[name], 0.6),), (name, grid_tokens[name])
     assert got.shape == expected.shape and torch.isfinite(got).all()
     assert (got - expected).abs().max() > 1e-3  # pruning changed the output
     atedm.remove(unet)
@@ -177,7 +190,8 @@ def test_the_mode_compiles_without_graph_breaks(unet):
     torch._dynamo.reset()
     explained = torch._dynamo.explain(unet)(**sd15_inputs())
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    assert sum(block.pruned_calls for block in atedm.get_state(unet).blocks.values()) >= 1
+    state = atedm.get_state(unet)
+    assert sum(block.pruned_calls for block in state.blocks.values()) == len(state.blocks)  # each block once
 
 
 def test_bad_combinations_are_refused_and_leave_the_model_unpatched(unet, monkeypatch):
