@@ -69,11 +69,12 @@ def exact_fp32_dot_on_gpu(tensors: tuple[torch.Tensor, ...]) -> bool:
     return (not triton_interpreter_on()) and any(t.dtype == torch.float32 and t.is_cuda for t in tensors)
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor, uses_dot: bool = False) -> str:
+def resolve_backend(backend: str, *tensors: torch.Tensor, dot_operands: tuple[torch.Tensor, ...] = ()) -> str:
     """Turn ``backend`` into ``"torch"`` or ``"triton"`` for these tensors, or raise a clear error.
 
-    ``uses_dot``: the op's kernel multiplies input tiles with ``tl.dot``; fp32 CUDA inputs then take
-    the PyTorch path (module docstring).
+    ``dot_operands``: the inputs whose tiles the op's kernel multiplies with ``tl.dot`` (q and k, say;
+    never the fp32 lse, which every caller passes); when one of them is fp32 on CUDA the op takes the
+    PyTorch path (module docstring).
     """
     check_backend(backend)
     if backend == "torch":
@@ -89,7 +90,7 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, uses_dot: bool = False
                 "for testing on the CPU); use backend='auto' or 'torch' on the CPU"
             )
         picked = "triton"
-    if picked == "triton" and uses_dot and exact_fp32_dot_on_gpu(tensors):
+    if picked == "triton" and exact_fp32_dot_on_gpu(dot_operands):
         return "torch"
     return picked
 

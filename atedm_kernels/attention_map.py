@@ -217,7 +217,7 @@ def head_mean_attention_map(
 ) -> torch.Tensor:
     """Abar = mean over heads of softmax(q k^T * scale), from q, k and lse; see the module docstring."""
     _check_qk_lse(q, k, lse)
-    if resolve_backend(backend, q, k, lse, uses_dot=True) == "triton":
+    if resolve_backend(backend, q, k, lse, dot_operands=(q, k)) == "triton":
         return _head_mean_attention_map_triton(q, k, lse, scale, out_dtype, backend == "auto")
     return head_mean_attention_map_ref(q, k, lse, scale, out_dtype)
 

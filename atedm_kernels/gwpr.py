@@ -360,7 +360,7 @@ def gwpr_scores(
     if attention_map is not None and attention_map.shape != (q.shape[0], n, n):
         raise ValueError(f"attention_map must be (B, N, N) = {(q.shape[0], n, n)}; got {tuple(attention_map.shape)}")
     # Only the walk over a given map runs without tl.dot (the map build and the recompute steps multiply).
-    uses_dot = attention_map is None or head_reduction == "rms"
-    if resolve_backend(backend, q, k, lse, uses_dot=uses_dot) == "triton":
+    dot_operands = (q, k) if attention_map is None or head_reduction == "rms" else ()
+    if resolve_backend(backend, q, k, lse, dot_operands=dot_operands) == "triton":
         return _gwpr_scores_triton(q, k, lse, iterations, head_reduction, scale, attention_map, backend == "auto")
     return gwpr_scores_ref(q, k, lse, iterations, head_reduction, scale, attention_map)

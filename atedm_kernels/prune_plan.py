@@ -103,7 +103,7 @@ def plan_token_pruning(
             raise ValueError(f"attention_map must be (B, N, N) = {(batch, num_tokens, num_tokens)}; "
                              f"got {tuple(attention_map.shape)}")
     elif attention_map is None and reads_map and materialize_attention_map(batch, num_heads, num_tokens, iterations):
-        half_map = q.dtype != torch.float32 and resolve_backend(backend, q, k, lse, uses_dot=True) == "triton"
+        half_map = q.dtype != torch.float32 and resolve_backend(backend, q, k, lse, dot_operands=(q, k)) == "triton"
         map_dtype = torch.float16 if half_map else torch.float32
         attention_map = head_mean_attention_map(q, k, lse, scale, out_dtype=map_dtype, backend=backend)
     if ranking == "gwpr" and lse is None:

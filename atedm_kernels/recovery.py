@@ -616,9 +616,9 @@ def recovery_source(
         operands = {"queries": queries, "keys": keys, "lse": lse}
     check_same_device(keep_idx=keep_idx, **operands)
     recompute = dict(queries=queries, lse=lse, scale=scale) if "lse" in operands else {}
-    # Reading a given map needs no tl.dot; key cosine and the recompute rules multiply tiles.
-    uses_dot = "attention_map" not in operands
-    if resolve_backend(backend, keep_idx, *operands.values(), uses_dot=uses_dot) == "triton":
+    # Reading a given map needs no tl.dot; key cosine and the recompute rules multiply key (and query) tiles.
+    dot_operands = tuple(t for name, t in operands.items() if name in ("queries", "keys"))
+    if resolve_backend(backend, keep_idx, *operands.values(), dot_operands=dot_operands) == "triton":
         return _recovery_source_triton(keep_idx, num_tokens, rule, attention_map, keys, **recompute,
                                        fallback=backend == "auto")
     return recovery_source_ref(keep_idx, num_tokens, rule, attention_map, keys, **recompute)

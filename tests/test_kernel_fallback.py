@@ -158,12 +158,44 @@ def test_fp32_gpu_inputs_route_dot_kernels_to_pytorch(monkeypatch):
     """The routing rule itself; the CUDA test below checks that no dot kernel launches."""
     x = torch.randn(2, 3)
     assert not dispatch.exact_fp32_dot_on_gpu((x,))  # CPU tensors (and the interpreter) keep the kernels
-    monkeypatch.setattr(dispatch, "exact_fp32_dot_on_gpu", lambda tensors: tensors[0].dtype == torch.float32)
+    monkeypatch.setattr(dispatch, "exact_fp32_dot_on_gpu", lambda tensors: any(t.dtype == torch.float32 for t in tensors))
     monkeypatch.setattr(dispatch, "auto_picks_triton", lambda tensors: True)
+    lse = torch.randn(2, 3)  # fp32 in every dtype: an input of the op, never a tl.dot operand
     for backend in ("auto", "triton"):
-        assert dispatch.resolve_backend(backend, x, uses_dot=True) == "torch"
-        assert dispatch.resolve_backend(backend, x) == "triton"  # memory-bound kernels keep Triton
-        assert dispatch.resolve_backend(backend, x.half(), uses_dot=True) == "triton"
+        assert dispatch.resolve_backend(backend, x, lse, dot_operands=(x,)) == "torch"
+        assert dispatch.resolve_backend(backend, x, lse) == "triton"  # memory-bound kernels keep Triton
+        assert dispatch.resolve_backend(backend, x.half(), lse, dot_operands=(x.half(),)) == "triton"
+
+
+@pytest.mark.parametrize("op", ["map", "gwpr", "recompute_match", "cosine_match"])
+def test_half_inputs_with_an_fp32_lse_reach_the_dot_kernels(op, monkeypatch):
+    """The fp32 rule looks at the tl.dot operands only: the lse is fp32 for every dtype, and judging it
+    would send every fp16/bf16 map, walk and match of a GPU to PyTorch. GPU routing simulated here."""
+    import importlib
+
+    from atedm_kernels import gwpr_scores, head_mean_attention_map, recovery_source
+
+    monkeypatch.setattr(dispatch, "exact_fp32_dot_on_gpu", lambda tensors: any(t.dtype == torch.float32 for t in tensors))
+    q, k = torch.randn(1, 2, 16, 8).half(), torch.randn(1, 2, 16, 8).half()
+    lse = torch.logsumexp(q.float() @ k.float().transpose(-1, -2) * 8 ** -0.5, dim=-1)
+    keep = torch.arange(0, 16, 2).unsqueeze(0)
+    entry = {"map": ("atedm_kernels.attention_map", "_head_mean_attention_map_triton"),
+             "gwpr": ("atedm_kernels.gwpr", "_gwpr_scores_triton"),
+             "recompute_match": ("atedm_kernels.recovery", "_recovery_source_triton"),
+             "cosine_match": ("atedm_kernels.recovery", "_recovery_source_triton")}[op]
+    module = importlib.import_module(entry[0])
+    launched = []
+    original = getattr(module, entry[1])
+    monkeypatch.setattr(module, entry[1], lambda *a, **kw: launched.append(1) or original(*a, **kw))
+    if op == "map":
+        head_mean_attention_map(q, k, lse, backend="triton")
+    elif op == "gwpr":
+        gwpr_scores(q, k, lse, iterations=2, backend="triton")
+    elif op == "recompute_match":
+        recovery_source(keep, 16, "attention", keys=k, queries=q, lse=lse, backend="triton")
+    else:
+        recovery_source(keep, 16, "key_cosine", keys=k, backend="triton")
+    assert launched == [1]
 
 
 @requires_cuda
