@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 import atedm
-from conftest import requires_cuda
+from conftest import fresh_seed, requires_cuda
 from tiny_models import run_unet, tiny_sdxl_pipeline, tiny_sdxl_unet, unet_inputs
 from tolerances import tol
 
@@ -37,11 +37,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def fresh_seed() -> int:
-    """A seed drawn from the per-test RNG (conftest), before the model builders reseed the global one."""
-    return int(torch.randint(0, 2**31 - 1, ()))
 
 
 def generate(pipe, steps=3, **kwargs):
