@@ -48,7 +48,7 @@ Kept rows then take their own rank by one scatter. The copy (``scatter_recover``
 delta refill subtracts on the k kept rows, then copies and adds; composing sources is a chain of int64
 gathers (B * N each), too small for a kernel of its own.
 
-Floor, SDXL level 2 at batch 2 and rho = 0.63 (N = 4096, k = 1516, d = 64, fp16), at the H100's
+Floor (docs/performance.md), SDXL level 2 at batch 2 and rho = 0.63 (N = 4096, k = 1516, d = 64, fp16), at the H100's
 3.0 TB/s (H200: 4.3 TB/s). All but the recompute path are memory-bound:
 
 * ``attention``: reads B * N * k map entries, but with 37% of columns kept almost every 32-byte sector

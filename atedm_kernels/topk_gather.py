@@ -31,7 +31,7 @@ Kernels.
 * No fused top-k + gather: the gather runs later in the block, on the first layer's feed-forward output,
   which does not exist when the mask is chosen; and fused, the copy would run on B programs only.
 
-Floor. Both ops are memory-bound. The gather moves 2 * k * C * bytes per image: SDXL level 2 at batch 2,
+Floor (docs/performance.md). Both ops are memory-bound. The gather moves 2 * k * C * bytes per image: SDXL level 2 at batch 2,
 rho = 0.63 (k = 1516, C = 640, fp16) is 7.8 MB, 2.6 us at the H100's 3.0 TB/s copy rate, 1.8 us at the
 H200's 4.3 TB/s; level 3 (k = 379, C = 1280) 3.9 MB, 1.3 us; level 2 at 2048 px (N = 16384, k = 6063)
 31 MB, 10 us. Top-k reads only 4 * B * N bytes (32 KB at level 2, ~10 ns of bandwidth): it is bound by
