@@ -155,8 +155,8 @@ def _attention_blocks(unet: UNet2DConditionModel) -> dict[str, Transformer2DMode
     }
 
 
-def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig) -> dict[str, BlockState]:
-    attention_blocks = _attention_blocks(unet)
+def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig,
+                 attention_blocks: dict[str, Transformer2DModel]) -> dict[str, BlockState]:
     blocks = {}
     after_self_attention = config.prune_after == "first_self_attention"
     min_depth = 1 if after_self_attention else 2
@@ -346,8 +346,9 @@ def apply(pipe_or_unet, config: ATEDMConfig | str | None = None, **overrides):
     if any(type(module).__name__ == "ToMeBlock" for module in unet.modules()):
         raise ValueError("this UNet is patched with tomesd; AT-EDM and ToMe both reduce tokens inside the same "
                          "blocks and cannot be combined. Call tomesd.remove_patch first.")
-    blocks = _find_blocks(unet, config)
-    dsap = DSAPState.for_unet(unet, config, set(_attention_blocks(unet)), pipeline=pipe)
+    attention_blocks = _attention_blocks(unet)
+    blocks = _find_blocks(unet, config, attention_blocks)
+    dsap = DSAPState.for_unet(unet, config, set(attention_blocks), pipeline=pipe)
     if current is not None:
         remove(unet)
     state = ATEDMState(config, blocks, dsap, undo=[])

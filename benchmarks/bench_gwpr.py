@@ -14,8 +14,6 @@ reference. Variants:
 
 from __future__ import annotations
 
-import torch
-
 from atedm_kernels import gwpr_scores, gwpr_scores_ref, head_mean_attention_map_ref
 from atedm_kernels.gwpr import materialize_attention_map
 from benchmarks.bench_attention_lse import INPUT_SETS, QUICK_SHAPES, SHAPES, TINY_SHAPES
@@ -24,6 +22,7 @@ from benchmarks.common import (
     bench_shapes,
     kernel_bench_args,
     markdown_table,
+    op_providers,
     rotating,
     time_providers,
     write_rows,
@@ -52,16 +51,7 @@ def providers(args, next_inputs, variant: str, iterations: int) -> dict:
         q, k, lse, amap = next_inputs()
         return fn(q, k, lse, iterations, reduction, attention_map=amap if variant == "mean_map" else None, **kwargs)
 
-    chosen = {"torch_ref": lambda: call(gwpr_scores_ref)}
-    if args.triton:
-        chosen["triton"] = lambda: call(gwpr_scores, backend="triton")
-    if args.compile_ref:
-        # A fresh cache per shape and variant: past dynamo's recompile limit the compiled provider would
-        # silently run eagerly.
-        torch._dynamo.reset()
-        compiled_ref = torch.compile(gwpr_scores_ref)
-        chosen["torch_compile_ref"] = lambda: call(compiled_ref)
-    return chosen
+    return op_providers(args, call, gwpr_scores_ref, gwpr_scores)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from benchmarks.common import (
     bench_shapes,
     kernel_bench_args,
     markdown_table,
+    op_providers,
     rotating,
     time_providers,
     write_rows,
@@ -49,16 +50,7 @@ def providers(args, op: str, next_inputs, k: int) -> dict:
         def call(fn, **kwargs):
             return fn(*next_inputs()[1:], **kwargs)
 
-    chosen = {"torch_ref": lambda: call(reference)}
-    if args.triton:
-        chosen["triton"] = lambda: call(kernel, backend="triton")
-    if args.compile_ref:
-        # A fresh cache per shape and op: past dynamo's recompile limit the compiled provider would
-        # silently run eagerly.
-        torch._dynamo.reset()
-        compiled_ref = torch.compile(reference)
-        chosen["torch_compile_ref"] = lambda: call(compiled_ref)
-    return chosen
+    return op_providers(args, call, reference, kernel)
 
 
 def main() -> None:

@@ -161,6 +161,21 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def op_providers(args, call: Callable, reference: Callable, kernel: Callable) -> dict[str, Callable[[], object]]:
+    """An op's providers at one shape, each run as ``call(fn, **kwargs)`` on fresh inputs: the PyTorch
+    reference, the Triton kernel (``--triton``) and torch.compile of the reference (``--compile-ref``)."""
+    providers = {"torch_ref": lambda: call(reference)}
+    if args.triton:
+        providers["triton"] = lambda: call(kernel, backend="triton")
+    if args.compile_ref:
+        # A fresh cache per shape: past dynamo's recompile limit the compiled provider would silently
+        # run eagerly.
+        torch._dynamo.reset()
+        compiled_reference = torch.compile(reference)
+        providers["torch_compile_ref"] = lambda: call(compiled_reference)
+    return providers
+
+
 def time_providers(
     providers: dict[str, Callable[[], object]],
     device: torch.device,
