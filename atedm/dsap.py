@@ -54,7 +54,7 @@ def dsap_block_names(unet) -> tuple[str, ...]:
     every up stage (SDXL: down_blocks.1/2.attentions.0, up_blocks.0/1.attentions.2)."""
     names = []
     for stage_list, pick_last in (("down_blocks", False), ("up_blocks", True)):
-        for index, stage in enumerate(getattr(unet, stage_list)):
+        for index, stage in enumerate(getattr(unet, stage_list, ())):  # a ControlNet has no up blocks
             attentions = getattr(stage, "attentions", None)
             if attentions:
                 names.append(f"{stage_list}.{index}.attentions.{len(attentions) - 1 if pick_last else 0}")

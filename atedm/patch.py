@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -124,26 +125,34 @@ class PruningSelfAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def _resolve_unet(pipe_or_unet) -> tuple[UNet2DConditionModel, Any]:
-    if isinstance(pipe_or_unet, UNet2DConditionModel):
+def _resolve_unet(pipe_or_unet) -> tuple[UNet2DConditionModel | ControlNetModel, Any]:
+    """The model to patch and the pipeline that owns it (None for a bare model).
+
+    A pipeline means its UNet; a ``ControlNetModel`` given on its own is patched as well (the opt-in for
+    pruning a ControlNet's attention blocks: it has the UNet's down and mid blocks, so the same hooks apply).
+    """
+    if isinstance(pipe_or_unet, (UNet2DConditionModel, ControlNetModel)):
         return pipe_or_unet, None
+    if isinstance(pipe_or_unet, MultiControlNetModel):
+        raise TypeError("a MultiControlNetModel holds several ControlNets; patch each one: "
+                        "for net in pipe.controlnet.nets: atedm.apply(net, ...)")
     unet = getattr(pipe_or_unet, "unet", None)
     if isinstance(unet, UNet2DConditionModel):
         return unet, pipe_or_unet
     raise TypeError(
-        "atedm.apply/remove expect a diffusers SDXL pipeline (with a .unet) or a UNet2DConditionModel; "
-        f"got {type(pipe_or_unet).__name__}"
+        "atedm.apply/remove expect a diffusers SDXL pipeline (with a .unet), a UNet2DConditionModel or a "
+        f"ControlNetModel; got {type(pipe_or_unet).__name__}"
     )
 
 
-def _block_level(name: str, unet: UNet2DConditionModel) -> int:
+def _block_level(name: str, unet: UNet2DConditionModel | ControlNetModel) -> int:
     """Resolution level of an attention block, 1 = full latent resolution (see ATEDMConfig.prune_levels)."""
     parts = name.split(".")
     if parts[0] == "down_blocks":
         return int(parts[1]) + 1
     if parts[0] == "up_blocks":
         return len(unet.up_blocks) - int(parts[1])
-    return len(unet.down_blocks)  # the mid block sits at the deepest level
+    return len(unet.down_blocks)  # the mid block sits at the deepest level (a ControlNet has no up blocks)
 
 
 def _attention_blocks(unet: UNet2DConditionModel) -> dict[str, Transformer2DModel]:
