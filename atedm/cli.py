@@ -1,7 +1,8 @@
 """The atedm command line: benchmark full vs AT-EDM SDXL steps, count FLOPs, or generate an image.
 
     python -m atedm bench      # default: SDXL-base architecture, seeded random weights, on the CPU
-    python -m atedm flops      # counted TFLOPs/step of every preset at 1024 px (meta device, instant)
+    python -m atedm flops      # counted TFLOPs/step of every preset at 1024 px (meta device, no weights)
+    python -m atedm flops --unet-config ssd-1b   # any shipped layout (atedm.unets.UNET_LAYOUTS) or a config.json
     python -m atedm generate --model PATH_OR_HUB_ID --preset c --prompt "..."
     python -m atedm doctor     # kernels vs references at SDXL's shapes, block and step timings, one table
 """
@@ -9,17 +10,26 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
 from .doctor import run_doctor
-from .flops import example_inputs, flops_per_step
+from .flops import example_inputs, flops_per_step_by_config
 from .patch import apply, remove
 from .presets import PRESET_BUDGETS_TFLOPS, PRESETS, get_preset
 from .timing import dsap_phases, schedule_average, time_interleaved, unet_step_timer
-from .unets import build_random_unet, default_unet_config, step_dtype
+from .unets import (
+    UNET_LAYOUTS,
+    build_random_unet,
+    default_unet_config,
+    load_unet_config,
+    same_architecture,
+    step_dtype,
+)
+
+UNET_CONFIG_HELP = f"a UNet config.json, or a shipped layout: {', '.join(UNET_LAYOUTS)} (default: sdxl-base)"
+SDXL_BASE_FULL_TFLOPS = 6.7  # the paper's count for the full SDXL-base UNet, 1024 px
 
 
 def _parse_configs(text: str) -> list[str]:
@@ -29,19 +39,28 @@ def _parse_configs(text: str) -> list[str]:
     return names
 
 
+def _unet_config_and_name(args) -> tuple[dict, str]:
+    if not args.unet_config:
+        return default_unet_config(), "sdxl-base"
+    try:
+        return load_unet_config(args.unet_config), args.unet_config
+    except ValueError as error:  # a typo in a layout name: the message lists the known ones, no traceback
+        raise SystemExit(f"atedm: {error}") from None
+
+
 def run_bench(args) -> list[dict]:
     """Full and AT-EDM steps, interleaved in one run; prints and returns the table rows."""
-    unet_config = json.load(open(args.unet_config)) if args.unet_config else default_unet_config()
+    unet_config, unet_name = _unet_config_and_name(args)
     device = args.device
     dtype = step_dtype(args.dtype, device)
     presets = _parse_configs(args.presets)
     steps = args.steps
 
-    counted = {"full": flops_per_step(unet_config, None, args.height, args.width, steps)}
-    for name in presets:
-        counted[name] = flops_per_step(unet_config, get_preset(name), args.height, args.width, steps)
+    counted = flops_per_step_by_config(
+        unet_config, {"full": None, **{name: get_preset(name) for name in presets}}, args.height, args.width, steps
+    )
 
-    print(f"building the SDXL UNet architecture with random weights ({dtype}, {device}) ...", file=sys.stderr)
+    print(f"building the {unet_name} UNet architecture with random weights ({dtype}, {device}) ...", file=sys.stderr)
     unet = build_random_unet(unet_config, dtype, device, seed=args.seed)
     torch.manual_seed(args.seed)
     inputs = example_inputs(unet_config, args.batch, args.height, args.width, device=device, dtype=dtype)
@@ -82,7 +101,7 @@ def run_bench(args) -> list[dict]:
             }
         )
     print(
-        f"\nSDXL-base UNet, random weights, {args.height}x{args.width}, batch {args.batch} (CFG), {dtype}, "
+        f"\n{unet_name} UNet, random weights, {args.height}x{args.width}, batch {args.batch} (CFG), {dtype}, "
         f"{device}, backend={args.backend}, {args.repeats} interleaved rounds, DSAP over {steps} steps"
     )
     print("TFLOPs/step: UNet FLOPs per image at this size (AT-EDM's own scoring work in brackets)")
@@ -94,15 +113,20 @@ def run_bench(args) -> list[dict]:
 
 
 def run_flops(args) -> None:
-    unet_config = json.load(open(args.unet_config)) if args.unet_config else default_unet_config()
-    full = flops_per_step(unet_config, None, args.height, args.width, args.steps)
-    print(f"counted FLOPs per image per UNet pass, {args.height}x{args.width}, averaged over {args.steps} steps")
+    unet_config, unet_name = _unet_config_and_name(args)
+    # The paper's budgets are SDXL-base's; a UNet of another architecture shows none.
+    sdxl_base = same_architecture(unet_config, default_unet_config())
+    counted = flops_per_step_by_config(unet_config, {"full": None, **PRESETS}, args.height, args.width, args.steps)
+    full = counted["full"]
+    print(f"{unet_name} UNet: counted FLOPs per image per UNet pass, {args.height}x{args.width}, "
+          f"averaged over {args.steps} steps")
     print(f"{'config':<8} {'UNet TFLOPs':>12} {'budget':>7} {'AT-EDM own':>11} {'saved':>7}")
-    print(f"{'full':<8} {full.unet_tflops:>12.3f} {'6.7':>7} {'':>11} {'':>7}")
-    for name, config in PRESETS.items():
-        report = flops_per_step(unet_config, config, args.height, args.width, args.steps)
+    print(f"{'full':<8} {full.unet_tflops:>12.3f} {SDXL_BASE_FULL_TFLOPS if sdxl_base else '-':>7} {'':>11} {'':>7}")
+    for name in PRESETS:
+        report = counted[name]
         saved = 1 - report.unet_tflops / full.unet_tflops
-        print(f"{name:<8} {report.unet_tflops:>12.3f} {PRESET_BUDGETS_TFLOPS[name]:>7} {report.overhead_tflops:>11.3f} {saved:>6.1%}")
+        budget = PRESET_BUDGETS_TFLOPS[name] if sdxl_base else "-"
+        print(f"{name:<8} {report.unet_tflops:>12.3f} {budget:>7} {report.overhead_tflops:>11.3f} {saved:>6.1%}")
 
 
 def run_generate(args) -> None:
@@ -139,14 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     bench.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    bench.add_argument("--unet-config", help="UNet config JSON (default: SDXL-base, shipped)")
+    bench.add_argument("--unet-config", help=UNET_CONFIG_HELP)
     bench.add_argument("--seed", type=int, default=0)
 
-    flops = sub.add_parser("flops", help="counted TFLOPs/step of full SDXL and every preset")
+    flops = sub.add_parser("flops", help="counted TFLOPs/step of the full UNet and every preset")
     flops.add_argument("--height", type=int, default=1024)
     flops.add_argument("--width", type=int, default=1024)
     flops.add_argument("--steps", type=int, default=50)
-    flops.add_argument("--unet-config")
+    flops.add_argument("--unet-config", help=UNET_CONFIG_HELP)
 
     gen = sub.add_parser("generate", help="generate an image with an SDXL pipeline and a preset")
     gen.add_argument("--model", required=True, help="local pipeline folder or hub id")

@@ -9,6 +9,7 @@ paper's budgets count the UNet only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -56,8 +57,24 @@ def build_meta_unet(unet_config: dict) -> UNet2DConditionModel:
         return UNet2DConditionModel.from_config(unet_config)
 
 
+def text_time_sizes(unet_config: dict) -> tuple[int, int]:
+    """(width of the pooled text embedding, number of time ids) of a ``text_time`` UNet.
+
+    SDXL-base and its fine-tunes take 6 time ids (original size, crop offset, target size) beside the
+    pooled embedding of the second text encoder. The refiner conditions on that one encoder alone, so
+    its pooled embedding is as wide as its cross-attention input, and takes 5 ids (the aesthetic score
+    replaces the target size): the projection input is then cross_attention_dim + 5 x time_embed_dim.
+    """
+    projection = unet_config["projection_class_embeddings_input_dim"]
+    per_id = unet_config["addition_time_embed_dim"]
+    if projection == unet_config["cross_attention_dim"] + 5 * per_id:
+        return unet_config["cross_attention_dim"], 5
+    return projection - 6 * per_id, 6
+
+
 def example_inputs(unet_config: dict, batch: int, height: int, width: int, device="meta", dtype=torch.float32) -> dict:
-    """UNet call arguments for an SDXL-style UNet at an image size (latent = image / 8)."""
+    """UNet call arguments for an SDXL-style UNet at an image size (latent = image / 8), with as many
+    sample channels as the UNet takes (9 for an inpainting UNet)."""
     factory = dict(device=device, dtype=dtype)
     inputs = {
         "sample": torch.randn(batch, unet_config["in_channels"], height // 8, width // 8, **factory),
@@ -65,8 +82,7 @@ def example_inputs(unet_config: dict, batch: int, height: int, width: int, devic
         "encoder_hidden_states": torch.randn(batch, 77, unet_config["cross_attention_dim"], **factory),
     }
     if unet_config.get("addition_embed_type") == "text_time":
-        time_ids = 6  # original size, crop offset, target size
-        text_dim = unet_config["projection_class_embeddings_input_dim"] - time_ids * unet_config["addition_time_embed_dim"]
+        text_dim, time_ids = text_time_sizes(unet_config)
         inputs["added_cond_kwargs"] = {
             "text_embeds": torch.randn(batch, text_dim, **factory),
             "time_ids": torch.randn(batch, time_ids, **factory),
@@ -121,6 +137,21 @@ def flops_per_step(
     With a config, the early-phase and late-phase passes are counted separately and averaged with the
     number of early steps DSAP gives ``num_inference_steps``.
     """
+    return flops_per_step_by_config(unet_or_config, {"counted": config}, height, width, num_inference_steps)["counted"]
+
+
+def flops_per_step_by_config(
+    unet_or_config,
+    configs: Mapping[str, ATEDMConfig | str | None],
+    height: int = 1024,
+    width: int = 1024,
+    num_inference_steps: int = 50,
+) -> dict[str, FlopsReport]:
+    """``flops_per_step`` of several configs (name -> config, None = unpatched) on one UNet, by name.
+
+    The meta UNet is built and its full pass counted once for all of them: on the full SDXL each costs
+    about as much as a counted pass, a third of what one config costs.
+    """
     if height % 8 or width % 8:
         raise ValueError(f"height and width must be multiples of 8 (the VAE factor); got {height} x {width}")
     if num_inference_steps < 1:
@@ -129,8 +160,15 @@ def flops_per_step(
     unet = build_meta_unet(unet_config)
     inputs = example_inputs(unet_config, 1, height, width)
     full, _ = _count(unet, inputs, None)
-    if config is None:
-        return FlopsReport(full / 1e12, 0.0, full / 1e12, full / 1e12, full / 1e12, 0, num_inference_steps)
+    return {
+        name: _pruned_report(unet, inputs, full, config, num_inference_steps)
+        if config is not None
+        else FlopsReport(full / 1e12, 0.0, full / 1e12, full / 1e12, full / 1e12, 0, num_inference_steps)
+        for name, config in configs.items()
+    }
+
+
+def _pruned_report(unet, inputs: dict, full: float, config, num_inference_steps: int) -> FlopsReport:
     config = resolve_config(config, backend="torch")
     apply(unet, config)
     state = get_state(unet)
