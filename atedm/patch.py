@@ -20,12 +20,14 @@ that was never patched.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -34,34 +36,44 @@ from atedm_kernels import (
     attention_with_map,
     compose_sources,
     gather_tokens,
+    gather_tokens_ref,
     num_kept_tokens,
     one_pass_map_applies,
     plan_token_pruning,
     scatter_recover,
     scatter_recover_delta,
+    scatter_recover_delta_ref,
+    scatter_recover_ref,
 )
 
 from .compat import check_diffusers_version
 from .config import ATEDMConfig
 from .dsap import DSAPState, install_phase_hook
 from .presets import resolve_config
+from .processors import (
+    ProcessorWrapper,
+    guard_attention,
+    guard_set_attn_processor,
+    uses_fused_projections,
+    why_not_wrappable,
+)
 from .state import ATEDMState, BlockState
 
 _STATE_ATTR = "_atedm_state"
-# Processors whose math is plain softmax attention, which PruningSelfAttnProcessor reproduces exactly.
-_REPLACEABLE_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
 
 
-class PruningSelfAttnProcessor:
+class PruningSelfAttnProcessor(ProcessorWrapper):
     """Self-attention of a pruning layer: attention output plus the pruning plan of its block.
 
-    When the block does not prune in this call the original processor runs unchanged.
+    When the block does not prune in this call the processor it wraps (``original``) runs unchanged. While
+    patched, diffusers' processor API reads and replaces ``original`` (``atedm.processors``).
     """
 
-    def __init__(self, state: ATEDMState, block: BlockState, original: Any):
+    def __init__(self, state: ATEDMState, block: BlockState, original: Any, layer_name: str):
         self.state = state
         self.block = block
         self.original = original
+        self.layer_name = layer_name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         block, config = self.block, self.state.config
@@ -86,7 +98,10 @@ class PruningSelfAttnProcessor:
                 f"{block.name}: self-attention saw {num_tokens} tokens where AT-EDM expects {expected}; another "
                 "patch changes the token count inside the block (tomesd?). Use one token-reduction method at a time."
             )
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if uses_fused_projections(self.original):  # fuse_qkv_projections(): one matmul, as the wrapped processor does
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
         if attn.norm_q is not None:
@@ -94,27 +109,34 @@ class PruningSelfAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        # Training through pruning (a LoRA trained with atedm on): the plan is discrete (kept indices and
+        # recovery sources) and needs no gradient, but the kernels have no backward, so the attention output
+        # is taken from PyTorch's differentiable attention instead of theirs.
+        differentiable = needs_gradients(query, key, value)
         plan_switches = dict(iterations=config.gwpr_iterations, head_reduction=config.head_reduction,
                              similarity=config.similarity, ranking=config.ranking, backend=config.backend)
-        if one_pass_map_applies(query, **plan_switches):
-            # CPU: attention and Abar from the same probabilities (a second pass would cost a whole
-            # attention again); Abar then carries everything the plan reads.
-            out, attention_map = attention_with_map(query, key, value, scale=attn.scale)
-            lse = None
-        else:
-            out, lse = attention_with_lse(query, key, value, scale=attn.scale, backend=config.backend)
-            attention_map = None
-        with self.state.overhead_scope():
-            keep, src = plan_token_pruning(
-                query,
-                key,
-                lse,
-                num_kept_tokens(num_tokens, block.active_ratio),
-                attention_map=attention_map,
-                cfg_mask_mode=config.cfg_mask_mode,
-                scale=attn.scale,
-                **plan_switches,
-            )
+        with torch.no_grad() if differentiable else contextlib.nullcontext():
+            if one_pass_map_applies(query, **plan_switches):
+                # CPU: attention and Abar from the same probabilities (a second pass would cost a whole
+                # attention again); Abar then carries everything the plan reads.
+                out, attention_map = attention_with_map(query, key, value, scale=attn.scale)
+                lse = None
+            else:
+                out, lse = attention_with_lse(query, key, value, scale=attn.scale, backend=config.backend)
+                attention_map = None
+            with self.state.overhead_scope():
+                keep, src = plan_token_pruning(
+                    query,
+                    key,
+                    lse,
+                    num_kept_tokens(num_tokens, block.active_ratio),
+                    attention_map=attention_map,
+                    cfg_mask_mode=config.cfg_mask_mode,
+                    scale=attn.scale,
+                    **plan_switches,
+                )
+        if differentiable:
+            out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
         block.keep.append(keep)
         block.src.append(src)
 
@@ -180,13 +202,14 @@ def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig,
         for index in pruning_layers:
             attn = module.transformer_blocks[index].attn1
             processor = attn.processor
-            if isinstance(processor, PruningSelfAttnProcessor):  # re-applying: judge what we replaced
+            if isinstance(processor, PruningSelfAttnProcessor):  # re-applying: judge what we wrap
                 processor = processor.original
-            if not isinstance(processor, _REPLACEABLE_PROCESSORS):
+            reason = why_not_wrappable(processor)
+            if reason is not None:
                 raise ValueError(
-                    f"{name}.transformer_blocks.{index}.attn1 uses a custom attention processor "
-                    f"({type(processor).__name__}); AT-EDM replaces only diffusers' default processors. "
-                    "Restore them (unet.set_default_attn_processor()) or remove the other patch first."
+                    f"{name}.transformer_blocks.{index}.attn1 uses a custom attention processor ({reason}); "
+                    "AT-EDM prunes only under processors that compute plain softmax attention. Restore them "
+                    "(unet.set_default_attn_processor()) or remove the other patch first."
                 )
             if attn.spatial_norm is not None or attn.group_norm is not None or attn.is_cross_attention:
                 raise ValueError(f"{name}.transformer_blocks.{index}.attn1 is not a plain self-attention")
@@ -238,6 +261,65 @@ def _check_input_devices(unet: UNet2DConditionModel, args: tuple, kwargs: dict) 
         raise ValueError(f"AT-EDM: the UNet's inputs and weights must be on one device; got {listing}")
 
 
+def needs_gradients(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records this call (training): then the hooks use differentiable PyTorch ops."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class _ReplayingCheckpoint:
+    """A pruning block's gradient-checkpointing function, wrapped so that each transformer layer it runs
+    again in the backward pass sees the block's pruning plan as it stood when the layer first ran.
+
+    diffusers checkpoints a Transformer2DModel layer by layer. Without this, the recomputation happens after
+    the block's call has ended and its plan is gone: the first layer would recompute unpruned (a different
+    graph: torch's CheckpointError, or with a reentrant checkpoint silently wrong gradients), the last layer
+    could not recover. The plan is recomputed from the same inputs, so it is the same plan; the snapshot
+    gives each layer the state around it (the ratio, earlier layers' kept indices and sources).
+    """
+
+    def __init__(self, inner, block: BlockState):
+        self.inner = inner
+        self.block = block
+
+    def __call__(self, layer, *args, **kwargs):
+        block, snapshot, runs = self.block, self.block.snapshot_call(), []
+
+        def run(*layer_args, **layer_kwargs):
+            if not runs:  # the forward pass: the plan is live
+                runs.append(True)
+                return layer(*layer_args, **layer_kwargs)
+            # the backward pass's recomputation: replay the plan, without counting the block pass twice
+            pruned_calls, kept_tokens = block.pruned_calls, block.kept_tokens
+            block.restore_call(snapshot)
+            try:
+                return layer(*layer_args, **layer_kwargs)
+            finally:
+                block.pruned_calls, block.kept_tokens = pruned_calls, kept_tokens
+                block.clear_call()
+
+        return self.inner(run, *args, **kwargs)
+
+
+def _wrap_checkpointing(module: torch.nn.Module, block: BlockState) -> None:
+    """Called before each block call: ``enable_gradient_checkpointing`` may have (re)set the function."""
+    inner = getattr(module, "_gradient_checkpointing_func", None)
+    if getattr(module, "gradient_checkpointing", False) and inner is not None and not isinstance(inner, _ReplayingCheckpoint):
+        module._gradient_checkpointing_func = _ReplayingCheckpoint(inner, block)
+
+
+def _unwrap_checkpointing(module: torch.nn.Module) -> None:
+    func = getattr(module, "_gradient_checkpointing_func", None)
+    if isinstance(func, _ReplayingCheckpoint):
+        module._gradient_checkpointing_func = func.inner
+
+
+def _restore_wrapped_processor(attn) -> None:
+    """Undo of one pruning processor: whatever processor it wraps now (the user may have set one since
+    ``apply``) becomes the module's processor again."""
+    processor = attn.processor
+    attn.set_processor(processor.original if isinstance(processor, PruningSelfAttnProcessor) else processor)
+
+
 def _install(unet: UNet2DConditionModel, state: ATEDMState) -> None:
     """Register every hook and processor, appending each one's undo action to ``state.undo`` as soon as
     it is in place, so that a failure halfway leaves ``apply`` a complete list to roll back."""
@@ -248,6 +330,7 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> None:
 
     undo.append(unet.register_forward_pre_hook(device_check_hook, with_kwargs=True).remove)
     undo.append(install_phase_hook(unet, state.dsap))
+    pruning_attention = {}
 
     for name, block in state.blocks.items():
         module = unet.get_submodule(name)
@@ -256,18 +339,23 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> None:
             block.clear_call()
             block.active_ratio = state.ratio_for(block)
             block.grid_tokens = args[0].shape[-2] * args[0].shape[-1] if args and args[0].dim() == 4 else None
+            _wrap_checkpointing(mod, block)
 
         def block_post_hook(mod, args, output, block=block):
             block.clear_call()
 
         undo.append(module.register_forward_pre_hook(block_pre_hook).remove)
         undo.append(module.register_forward_hook(block_post_hook).remove)
+        undo.append(lambda module=module: _unwrap_checkpointing(module))
 
         for position, index in enumerate(block.pruning_layers):
             layer = module.transformer_blocks[index]
-            original = layer.attn1.processor
-            layer.attn1.set_processor(PruningSelfAttnProcessor(state, block, original))
-            undo.append(lambda attn=layer.attn1, original=original: attn.set_processor(original))
+            layer_name = f"{name}.transformer_blocks.{index}.attn1"
+            # Undone newest first: the module's own processor API back, then the wrapped processor in place.
+            undo.append(lambda attn=layer.attn1: _restore_wrapped_processor(attn))
+            undo.append(guard_attention(layer.attn1))
+            layer.attn1.set_processor(PruningSelfAttnProcessor(state, block, layer.attn1.processor, layer_name))
+            pruning_attention[layer_name] = layer.attn1
 
             if state.config.prune_after == "first_self_attention":
                 undo.append(layer.register_forward_pre_hook(_cut_after_self_attention_hook(state, block), with_kwargs=True).remove)
@@ -279,7 +367,7 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> None:
                 if len(block.keep) <= position:
                     raise RuntimeError(f"AT-EDM's processor did not run in {block.name}; was attn1's processor replaced?")
                 with state.overhead_scope():
-                    kept = gather_tokens(output, block.keep[position], backend=backend)
+                    kept = _gather(output, block.keep[position], backend)
                 if state.config.recovery == "delta":
                     block.cut_state, block.cut_kept = output, kept
                 return kept
@@ -292,7 +380,12 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> None:
             with state.overhead_scope():
                 src = compose_sources(block.src)  # every_layer: full grid -> ... -> the last layer's kept rows
                 if state.config.recovery == "delta":
-                    full = scatter_recover_delta(output, block.cut_state, block.cut_kept, src, backend=backend)
+                    if needs_gradients(output, block.cut_state, block.cut_kept):
+                        full = scatter_recover_delta_ref(output, block.cut_state, block.cut_kept, src)
+                    else:
+                        full = scatter_recover_delta(output, block.cut_state, block.cut_kept, src, backend=backend)
+                elif needs_gradients(output):
+                    full = scatter_recover_ref(output, src)
                 else:
                     full = scatter_recover(output, src, backend=backend)
             block.pruned_calls += 1
@@ -300,6 +393,38 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> None:
             return full
 
         undo.append(module.transformer_blocks[-1].register_forward_hook(recover_hook).remove)
+
+    undo.append(guard_set_attn_processor(unet, pruning_attention))
+    # copy.deepcopy looks __deepcopy__ up on the instance: the copy gets a patch of its own (module hooks are
+    # copied by reference and would still drive this model's state).
+    unet.__deepcopy__ = lambda memo: _deepcopy_patched(unet, memo)
+    undo.append(lambda: unet.__dict__.pop("__deepcopy__", None))
+
+
+def _gather(x: torch.Tensor, keep: torch.Tensor, backend: str) -> torch.Tensor:
+    return gather_tokens_ref(x, keep) if needs_gradients(x) else gather_tokens(x, keep, backend=backend)
+
+
+def _deepcopy_patched(model, memo: dict):
+    """``copy.deepcopy`` of a patched model: the unpatched model copied, then patched with the same config
+    and phase control, so the copy prunes on its own and ``atedm.remove(copy)`` touches only the copy."""
+    state = getattr(model, _STATE_ATTR)
+    _undo_all(state)
+    delattr(model, _STATE_ATTR)
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        _install(model, state)
+        setattr(model, _STATE_ATTR, state)
+    pipeline = state.dsap.pipeline
+    apply(clone, state.config)
+    clone_state = getattr(clone, _STATE_ATTR)
+    # Copying a whole pipeline: the copy's UNet follows the copied pipeline's scheduler (deepcopy's memo
+    # already holds the new pipeline object when its components are copied).
+    clone_state.dsap.pipeline = memo.get(id(pipeline)) if pipeline is not None else None
+    clone_state.dsap.set_phase(state.dsap.phase_override)
+    clone_state.dsap.set_timesteps(state.dsap.timesteps)
+    return clone
 
 
 def _cut_after_self_attention_hook(state: ATEDMState, block: BlockState):
@@ -313,20 +438,22 @@ def _cut_after_self_attention_hook(state: ATEDMState, block: BlockState):
     def hook(layer, args, kwargs):
         if block.active_ratio is None:
             return None
-        hidden = args[0] if args else kwargs["hidden_states"]
+        # diffusers calls the layer with keywords, but positionally under gradient checkpointing.
+        hidden = _layer_argument(args, kwargs, "hidden_states")
         if hidden.dim() != 3:
             raise RuntimeError(f"{block.name}: prune_after='first_self_attention' expects (B, N, C) tokens; got "
                                f"{tuple(hidden.shape)}")
-        cross_attention_kwargs = dict(kwargs.get("cross_attention_kwargs") or {})
+        cross_attention_kwargs = dict(_layer_argument(args, kwargs, "cross_attention_kwargs") or {})
         if cross_attention_kwargs.pop("gligen", None) is not None:
             raise RuntimeError(f"{block.name}: GLIGEN inputs are not supported with prune_after='first_self_attention'")
         attention_output = layer.attn1(layer.norm1(hidden), encoder_hidden_states=None,
-                                       attention_mask=kwargs.get("attention_mask"), **cross_attention_kwargs)
+                                       attention_mask=_layer_argument(args, kwargs, "attention_mask"),
+                                       **cross_attention_kwargs)
         if not block.keep:
             raise RuntimeError(f"AT-EDM's processor did not run in {block.name}; was attn1's processor replaced?")
         summed = attention_output + hidden
         with state.overhead_scope():
-            kept = gather_tokens(summed, block.keep[0], backend=state.config.backend)
+            kept = _gather(summed, block.keep[0], state.config.backend)
         if state.config.recovery == "delta":
             block.cut_state, block.cut_kept = summed, kept
         block.self_attention_done = True
@@ -335,6 +462,16 @@ def _cut_after_self_attention_hook(state: ATEDMState, block: BlockState):
         return args, {**kwargs, "hidden_states": kept}
 
     return hook
+
+
+# BasicTransformerBlock.forward's parameters in order, for reading a call made positionally.
+_LAYER_PARAMETERS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep",
+                     "cross_attention_kwargs", "class_labels", "added_cond_kwargs")
+
+
+def _layer_argument(args: tuple, kwargs: dict, name: str):
+    position = _LAYER_PARAMETERS.index(name)
+    return args[position] if len(args) > position else kwargs.get(name)
 
 
 def apply(pipe_or_unet, config: ATEDMConfig | str | None = None, **overrides):

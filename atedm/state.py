@@ -51,6 +51,17 @@ class BlockState:
         self.keep.clear()
         self.src.clear()
 
+    def snapshot_call(self) -> tuple:
+        """The per-call plan as it stands now (for a layer that gradient checkpointing will run again)."""
+        return (self.active_ratio, self.self_attention_done, self.cut_state, self.cut_kept,
+                tuple(self.keep), tuple(self.src))
+
+    def restore_call(self, snapshot: tuple) -> None:
+        """Put back a ``snapshot_call()``: a recomputed layer then sees the plan its first run saw."""
+        (self.active_ratio, self.self_attention_done, self.cut_state, self.cut_kept, keep, src) = snapshot
+        self.keep[:] = keep
+        self.src[:] = src
+
 
 class ATEDMState:
     """Per-UNet state: config, blocks, DSAP (``dsap``), the undo actions of ``apply`` and the statistics
