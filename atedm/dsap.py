@@ -6,9 +6,11 @@ unpruned there. Everything about that lives here (its switches are ``ATEDMConfig
 
 * which blocks: the published rule, ``dsap_block_names`` (the first attention block of every down
   stage and the last of every up stage), or the config's explicit list;
-* which steps: the first ``early_steps(dsap_fraction, num_steps)`` UNet calls of a generation;
+* which steps: the first ``early_steps(dsap_fraction, num_steps)`` UNet calls of a generation, at least
+  one while DSAP is on, so that few-step models (1-8 steps) keep it;
 * which phase a UNet call is in: ``DSAPState.resolve_phase`` reads the step from the timestep the UNet
-  receives, so it follows any sampler without a counter that a second generation could desynchronise;
+  receives, so it follows any sampler without a counter that a second generation could desynchronise,
+  and a refiner that continues a base model's schedule picks up where the base stopped;
 * what a block prunes at in that phase: ``DSAPState.ratio_for``;
 * the UNet forward pre-hook that sets the phase of each call: ``install_phase_hook``.
 """
@@ -30,11 +32,25 @@ SDXL_DSAP_BLOCKS = (
     "up_blocks.1.attentions.2",
 )
 
+# EDM's timestep 0.25 * log(sigma) stays below this for any sigma_max up to e^8 (about 3000; Playground v2.5
+# and the EDM paper use 80, SVD 700). DDPM schedules come this low only in their last steps and on integers,
+# except the Karras-sigma ones of Euler and LMS (from 33 steps), Heun (21) and KDPM2 (11) in diffusers 0.42:
+# their uneven spacing also puts about twice the intended share of steps above the bare-UNet threshold, so
+# such a bare UNet is better given its schedule anyway.
+EDM_TIMESTEP_CEILING = 2.0
+
 
 def early_steps(fraction: float, num_steps: int) -> int:
-    """How many of ``num_steps`` UNet evaluations form the early phase (``fraction * num_steps``, rounded
-    to nearest, halves up)."""
-    return int(fraction * num_steps + 0.5)
+    """How many of ``num_steps`` UNet evaluations form the early phase: ``fraction * num_steps`` rounded to
+    nearest, halves up, and at least one while DSAP is on (``fraction > 0``).
+
+    The floor of one is for few-step models (SDXL-Turbo, Lightning, LCM, Hyper-SD: 1-8 steps), where 10% of
+    the steps rounds to none: their first step starts from pure noise, whose attention maps are the
+    noisiest of the generation, which is the paper's reason for DSAP in the first place.
+    """
+    if fraction == 0 or num_steps == 0:
+        return 0
+    return max(1, int(fraction * num_steps + 0.5))
 
 
 def check_switches(fraction, blocks) -> tuple[str, ...] | None:
@@ -141,9 +157,11 @@ class DSAPState:
         """DSAP phase of a UNet call, from the timestep it receives (stateless, so it follows any sampler).
 
         With a known schedule the step index is the position of the timestep in it, and the first
-        ``early_steps(fraction, len(schedule))`` positions are early. With none (a bare UNet), a timestep
-        above ``(1 - fraction) * num_train_timesteps`` is early, which matches the step-index rule for
-        evenly spaced schedules.
+        ``early_steps(fraction, len(schedule))`` positions are early. diffusers keeps the whole schedule in
+        ``scheduler.timesteps`` even when a pipeline runs only part of it (``denoising_end`` of a base
+        model, ``denoising_start`` or ``strength`` of img2img and the refiner), so the position is the
+        step of the whole generation and the refiner's steps continue the base's. With no schedule (a bare
+        UNet), ``phase_from_training_timestep`` reads the timestep alone.
         """
         if self.phase_override is not None:
             return self.phase_override
@@ -154,8 +172,32 @@ class DSAPState:
         if schedule is not None:
             index = int(torch.argmin((schedule.detach().float().cpu() - value).abs()))
             return "early" if index < early_steps(self.fraction, len(schedule)) else "late"
-        threshold = (1.0 - self.fraction) * self.num_train_timesteps
-        return "early" if value > threshold else "late"
+        return self.phase_from_training_timestep(value)
+
+    def phase_from_training_timestep(self, value: float) -> str:
+        """The phase of a bare UNet's call from its timestep, read on the DDPM training scale [0, T]: above
+        ``(1 - fraction) * T`` is early, which matches the step-index rule for evenly spaced schedules, and
+        so is the pure-noise timestep T - 1 that trailing and linspace schedules start from, as
+        ``early_steps`` makes the first step early at any step count.
+
+        EDM schedules (Playground v2.5's) pass ``0.25 * log(sigma)`` instead, which says nothing about the
+        step without the schedule: rather than guess, a timestep that cannot be a DDPM one raises. That is
+        one outside [0, T], or a non-integer below ``EDM_TIMESTEP_CEILING``, where the two scales overlap.
+        """
+        horizon = self.num_train_timesteps
+        outside = not 0.0 <= value <= horizon
+        if outside or (value < EDM_TIMESTEP_CEILING and value != int(value)):
+            where = (f"outside the DDPM training range [0, {horizon}]" if outside else
+                     f"a non-integer below {EDM_TIMESTEP_CEILING:g}, where EDM's scale overlaps the DDPM one")
+            raise ValueError(
+                f"AT-EDM's DSAP cannot tell the denoising step from timestep {value:g} alone: it is {where} "
+                "(EDM schedulers, e.g. Playground v2.5's, pass 0.25 * log(sigma), about -1.55 to 1.10). Patch the "
+                "pipeline instead of its UNet, give the schedule with atedm.set_timesteps(unet, scheduler.timesteps) "
+                "before the loop, or fix the phase with atedm.set_phase(unet, 'early' | 'late')."
+            )
+        if self.fraction == 1 or value >= horizon - 1 or value > (1.0 - self.fraction) * horizon:
+            return "early"
+        return "late"
 
     def begin_call(self, timestep) -> None:
         """Enter the phase of a new UNet call and count it."""
