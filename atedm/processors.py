@@ -56,10 +56,11 @@ def why_not_wrappable(processor) -> str | None:
     if isinstance(processor, _PLAIN_ATTENTION):
         return None
     if isinstance(processor, _CUSTOM_DIFFUSION):
-        # Custom Diffusion leaves self-attention untrained unless it learns its query/output projections.
-        if not processor.train_q_out:
+        # Custom Diffusion's loader gives self-attention layers a processor that trains nothing (plain
+        # attention); one that learns projections there computes something else, with weights of its own.
+        if not processor.train_kv and not processor.train_q_out:
             return None
-        return f"{type(processor).__name__} with train_q_out=True replaces the layer's query and output projections"
+        return f"{type(processor).__name__} with trained projections (train_kv / train_q_out)"
     return f"{type(processor).__name__} is not one of diffusers' plain attention processors"
 
 

@@ -116,9 +116,11 @@ class ReturnsInput:
         return hidden_states
 
 
-@pytest.mark.parametrize("processor", [ReturnsInput(), CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=True,
-                                                                                        hidden_size=64)],
-                         ids=["custom", "custom_diffusion_q_out"])
+@pytest.mark.parametrize("processor", [ReturnsInput(),
+                                       CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=True, hidden_size=64),
+                                       CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out=False, hidden_size=64,
+                                                                       cross_attention_dim=64)],
+                         ids=["custom", "custom_diffusion_q_out", "custom_diffusion_kv"])
 def test_a_processor_that_cannot_be_wrapped_is_refused_when_set_and_changes_nothing(twins, processor):
     unet, _, inputs = twins
     atedm.apply(unet, **SETTINGS)
