@@ -68,6 +68,10 @@ class ATEDMConfig:
             unpruned, as published.
         backend: ``"auto"`` (Triton kernels on CUDA, PyTorch references elsewhere), ``"torch"`` or
             ``"triton"``.
+        prune_controlnet: with ``atedm.apply(pipeline, ...)`` on a ControlNet pipeline, also prune the
+            attention blocks of its ControlNet(s) (each of a multi-ControlNet), with this same config and
+            DSAP following the pipeline's schedule. Off by default: the ControlNet's residuals steer the
+            UNet, so pruning it trades control fidelity for its FLOPs (see the README's limits table).
     """
 
     prune_ratio: float = 0.63
@@ -84,6 +88,7 @@ class ATEDMConfig:
     dsap_blocks: tuple[str, ...] | None = None
     dsap_early_ratio: float | None = None
     backend: str = "auto"
+    prune_controlnet: bool = False
 
     def __post_init__(self) -> None:
         _check_ratio("prune_ratio", self.prune_ratio)
@@ -104,6 +109,8 @@ class ATEDMConfig:
             raise ValueError("prune_after='first_self_attention' prunes once per block; it needs prune_mode='once' "
                              f"(got {self.prune_mode!r})")
         _check_choice("backend", self.backend, BACKENDS)
+        if not isinstance(self.prune_controlnet, bool):
+            raise ValueError(f"prune_controlnet must be True or False; got {self.prune_controlnet!r}")
         if self.prune_levels is not None:
             levels = tuple(self.prune_levels)
             if not all(isinstance(level, int) and level >= 1 for level in levels):

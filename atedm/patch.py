@@ -417,7 +417,7 @@ def _deepcopy_patched(model, memo: dict):
         _install(model, state)
         setattr(model, _STATE_ATTR, state)
     pipeline = state.dsap.pipeline
-    apply(clone, state.config)
+    _apply_model(clone, None, state.config)
     clone_state = getattr(clone, _STATE_ATTR)
     # Copying a whole pipeline: the copy's UNet follows the copied pipeline's scheduler (deepcopy's memo
     # already holds the new pipeline object when its components are copied).
@@ -480,15 +480,44 @@ def apply(pipe_or_unet, config: ATEDMConfig | str | None = None, **overrides):
     ``config`` is an ``ATEDMConfig``, a preset name (see ``atedm.presets``) or None for the defaults;
     keyword overrides replace single fields. Applying again with the same config does nothing; with a
     different config the old patch is removed first. On any error the model is left as it was.
+    With ``prune_controlnet=True`` a ControlNet pipeline's ControlNet(s) are patched too.
     """
     check_diffusers_version()
     unet, pipe = _resolve_unet(pipe_or_unet)
     config = resolve_config(config, **overrides)
+    controlnets = _pipeline_controlnets(pipe)
+    if config.prune_controlnet and pipe is not None and not controlnets:
+        raise ValueError(f"prune_controlnet=True, but this {type(pipe).__name__} has no ControlNet to prune")
+    if config.prune_controlnet:
+        for net in controlnets:  # refuse before anything is patched
+            _find_blocks(net, config, _attention_blocks(net))
+    _apply_model(unet, pipe, config)
+    for net in controlnets:
+        if config.prune_controlnet:
+            _apply_model(net, pipe, config)
+        elif _patched_through_pipeline(net):  # an earlier apply(pipe, prune_controlnet=True)
+            remove(net)
+    return pipe_or_unet
+
+
+def _pipeline_controlnets(pipe) -> list:
+    """The ControlNets a pipeline drives (the nets of a multi-ControlNet), or []."""
+    controlnet = getattr(pipe, "controlnet", None)
+    nets = controlnet.nets if isinstance(controlnet, MultiControlNetModel) else [controlnet]
+    return [net for net in nets if isinstance(net, ControlNetModel)]
+
+
+def _patched_through_pipeline(model) -> bool:
+    state = getattr(model, _STATE_ATTR, None)
+    return state is not None and isinstance(model, ControlNetModel) and state.config.prune_controlnet
+
+
+def _apply_model(unet: UNet2DConditionModel | ControlNetModel, pipe, config: ATEDMConfig) -> None:
     current = getattr(unet, _STATE_ATTR, None)
     if current is not None and current.config == config:
         if pipe is not None:
             current.dsap.pipeline = pipe
-        return pipe_or_unet
+        return
     if any(type(module).__name__ == "ToMeBlock" for module in unet.modules()):
         raise ValueError("this UNet is patched with tomesd; AT-EDM and ToMe both reduce tokens inside the same "
                          "blocks and cannot be combined. Call tomesd.remove_patch first.")
@@ -507,12 +536,15 @@ def apply(pipe_or_unet, config: ATEDMConfig | str | None = None, **overrides):
             setattr(unet, _STATE_ATTR, current)
         raise
     setattr(unet, _STATE_ATTR, state)
-    return pipe_or_unet
 
 
 def remove(pipe_or_unet):
-    """Undo ``apply``: original processors back, every hook gone. Safe to call on an unpatched model."""
-    unet, _ = _resolve_unet(pipe_or_unet)
+    """Undo ``apply``: original processors back, every hook gone (on a pipeline: its UNet's patch and the
+    ControlNets it patched). Safe to call on an unpatched model."""
+    unet, pipe = _resolve_unet(pipe_or_unet)
+    for net in _pipeline_controlnets(pipe):
+        if _patched_through_pipeline(net):
+            remove(net)
     state = getattr(unet, _STATE_ATTR, None)
     if state is None:
         return pipe_or_unet
