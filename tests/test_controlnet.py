@@ -259,24 +259,35 @@ def test_multi_controlnet_model_is_refused_and_each_net_prunes():
     np.testing.assert_array_equal(generate(pipe, steps=2, image=images), unet_only)
 
 
-def test_controlnet_dsap_phases_follow_the_unets():
-    """With both networks pruned, each step's ControlNet call is in the same DSAP phase as that step's UNet call
-    (the ControlNet feeds the UNet of the same step). The UNet's phase comes from its pipeline's schedule, the
-    ControlNet's (patched on its own) from the bare timestep against 0.9 T: on SDXL's "leading" schedule these
-    agree at 10-14, 20, 22-24, 33, 40 or 50 steps and differ at most other counts; 4 steps (751, 501, 251, 1)
-    is one of those."""
+@pytest.mark.parametrize("multi", [False, True], ids=["one_net", "multi"])
+def test_prune_controlnet_through_the_pipeline_follows_the_unets_dsap_phases(multi):
+    """``atedm.apply(pipe, ..., prune_controlnet=True)`` patches the ControlNet(s) with the pipeline as their
+    DSAP owner, so each step's ControlNet call is in the same phase as that step's UNet call (the ControlNet
+    feeds the UNet of the same step). A ControlNet patched on its own reads the bare timestep against 0.9 T,
+    which on SDXL's "leading" schedule disagrees with the schedule at most step counts; 4 steps (751, 501,
+    251, 1) is one of them, so the bare rule would fail this test."""
     seed = fresh_seed()
     base = tiny_sdxl_pipeline(seed)
-    pipe = controlnet_pipeline(base, tiny_controlnet(base.unet, seed + 1))
+    nets = [tiny_controlnet(base.unet, seed + 1), tiny_controlnet(base.unet, seed + 3)] if multi else tiny_controlnet(base.unet, seed + 1)
+    pipe = controlnet_pipeline(base, nets)
+    image = [control_image(seed + 2)] * 2 if multi else control_image(seed + 2)
+    atedm.apply(pipe, "c", prune_controlnet=True)
+    controlnets = list(pipe.controlnet.nets) if multi else [pipe.controlnet]
+    generate(pipe, steps=4, image=image)
+    unet_phases = atedm.get_state(pipe).phase_calls
+    assert unet_phases == {"early": 1, "late": 3}
+    for net in controlnets:
+        state = atedm.get_state(net)
+        assert state.phase_calls == unet_phases
+        assert state.pruned_calls == 4 * len(CONTROLNET_BLOCKS) - len(state.dsap.blocks)  # DSAP blocks skip the early call
+    # Re-applying without the switch, or removing through the pipeline, unpatches the ControlNets it patched.
     atedm.apply(pipe, "c")
-    atedm.apply(pipe.controlnet, "c")
-    generate(pipe, steps=4, image=control_image(seed + 2))
-    unet_phases, controlnet_phases = atedm.get_state(pipe).phase_calls, atedm.get_state(pipe.controlnet).phase_calls
-    assert sum(controlnet_phases.values()) == 4
-    assert controlnet_phases == unet_phases, (
-        "the ControlNet, patched on its own, reads its DSAP phase from the bare timestep and the UNet from the "
-        "pipeline's schedule, and they disagree; atedm.apply should make the pipeline the DSAP owner "
-        "(DSAPState.pipeline) of the ControlNet(s) it drives")
+    assert all(atedm.get_state(net) is None for net in controlnets) and atedm.get_state(pipe) is not None
+    atedm.apply(pipe, "c", prune_controlnet=True)
+    atedm.remove(pipe)
+    assert all(atedm.get_state(net) is None for net in controlnets) and atedm.get_state(pipe) is None
+    with pytest.raises(ValueError, match="no ControlNet"):
+        atedm.apply(base, "c", prune_controlnet=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
