@@ -3,11 +3,13 @@
 ``default_unet_config`` is SDXL-base's UNet config, shipped with the package (no download);
 ``unet_config(layout)`` returns any of the SDXL family's shipped configs by name (``UNET_LAYOUTS``), and
 ``load_unet_config`` takes either such a name or a path to a diffusers ``config.json``. Each shipped file
-says where its fields come from in a ``_source`` key, which diffusers skips when it builds the UNet,
-as it does every ``_`` key. ``tiny_unet_config`` keeps SDXL-base's block types, names and level structure (three levels, attention at levels
-2 and 3, the four DSAP blocks, linear projections, text-time conditioning) with few channels: depth 2
-at level 2 and 3 at level 3, so that both levels prune after their first layer. It serves the ``--tiny``
-dry runs and the tests, which build it with random weights in well under a second.
+says where its fields come from in a ``_source`` key, which diffusers skips when it builds the UNet, as
+it does every ``_`` key.
+
+``tiny_unet_config`` keeps SDXL-base's block types, names and level structure (three levels, attention
+at levels 2 and 3, the four DSAP blocks, linear projections, text-time conditioning) with few channels:
+depth 2 at level 2 and 3 at level 3, so that both levels prune after their first layer. It serves the
+``--tiny`` dry runs and the tests, which build it with random weights in well under a second.
 """
 
 from __future__ import annotations
