@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--resolution", type=int, help="image size in px; default 1024 on CUDA, 256 on the CPU")
     doctor.add_argument("--sections", default="checks,block,step", help="any of checks,block,step")
     doctor.add_argument("--model", help="a local diffusers UNet folder, or a pipeline folder with unet/")
-    doctor.add_argument("--unet-config", help="UNet config JSON for random weights (default: SDXL-base, shipped)")
+    doctor.add_argument("--unet-config", help=UNET_CONFIG_HELP + " (random weights)")
     doctor.add_argument("--tiny", action="store_true", help="tiny shapes and the tests' tiny UNet (dry run)")
     doctor.add_argument("--csv", help="CSV to append every row to, with device, versions and git SHA")
     doctor.add_argument("--repeats", type=int,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
-import json
 import platform
 import secrets
 import statistics
@@ -34,7 +33,7 @@ from atedm_kernels.selfcheck import ROW_FIELDS, row
 
 from .presets import get_preset
 from .timing import time_interleaved
-from .unets import build_random_unet, cpu_supports_bf16, default_unet_config, tiny_unet_config
+from .unets import build_random_unet, cpu_supports_bf16, default_unet_config, load_unet_config, tiny_unet_config
 
 SECTIONS = ("checks", "block", "step")
 STEP_PRESET = "c"  # the paper's headline operating point
@@ -172,7 +171,7 @@ def _load_unet(args, settings: Settings, dtype: torch.dtype):
     if settings.tiny:
         config, name = tiny_unet_config(), "tiny SDXL-shaped UNet"
     elif args.unet_config:
-        config, name = json.loads(Path(args.unet_config).read_text()), Path(args.unet_config).name
+        config, name = load_unet_config(args.unet_config), args.unet_config  # a JSON path or a shipped layout
     else:
         config, name = default_unet_config(), "SDXL-base UNet"
     # Parameters initialised on the device they run on: SDXL's 2.6 B random weights take 15-30 s on the CPU.
