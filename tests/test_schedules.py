@@ -128,30 +128,14 @@ def test_bare_unet_reads_few_step_schedules_like_the_step_rule(scheduler_name, f
 
 @pytest.fixture(scope="module")
 def preset_flops():
-    """``flops_per_step`` of every preset at 1, 2, 4 and 8 steps, SDXL-base at 1024 px. A meta-device SDXL
-    pass takes seconds and its count depends on the config and the phase only, not on the step count: the
-    20 reports share one meta UNet (each call's apply / remove leaves it as built) and count each distinct
-    pass once (11 in all)."""
+    """``flops_per_step`` of every preset at 1, 2, 4 and 8 steps, SDXL-base at 1024 px. A pass's count depends
+    on the config and the phase, not on the step count, and atedm.flops counts each distinct pass once per
+    process: the 20 reports cost 11 counted passes (or none, when other tests counted them already)."""
     from atedm import flops
 
     sdxl = default_unet_config()
-    meta_unet = flops.build_meta_unet(sdxl)
-    counted_passes = {}
-    count_pass = flops._count
-
-    def count_each_pass_once(unet, inputs, state):
-        key = None if state is None else (state.config, state.dsap.phase_override)
-        if key not in counted_passes:
-            counted_passes[key] = count_pass(unet, inputs, state)
-        return counted_passes[key]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(flops, "build_meta_unet", lambda unet_config: meta_unet)
-        patch.setattr(flops, "_count", count_each_pass_once)
-        reports = {(name, steps): flops.flops_per_step(sdxl, name, num_inference_steps=steps)
-                   for name in PRESETS for steps in FEW_STEPS}
-    assert len(counted_passes) == 1 + 2 * len(PRESETS)
-    return reports
+    return {(name, steps): flops.flops_per_step(sdxl, name, num_inference_steps=steps)
+            for name in PRESETS for steps in FEW_STEPS}
 
 
 @pytest.mark.parametrize("steps", FEW_STEPS)
