@@ -252,11 +252,11 @@ def test_triton_backend_matches_torch_backend_end_to_end(unet, monkeypatch):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_patched_unet_compiles_to_one_graph(unet, backend):
+def test_patched_unet_compiles_to_one_graph(unet):
     """With the phase fixed (atedm.set_phase), nothing in the patch breaks a torch.compile graph: the
-    hooks only touch Python state and the kernels are opaque custom ops."""
-    atedm.apply(unet, "c", backend=backend)
+    hooks only touch Python state and the kernels are opaque custom ops. (The PyTorch backend compiles
+    with fullgraph=True in tests/test_diffusers_ops.py, with fused QKV and channels_last.)"""
+    atedm.apply(unet, "c", backend="triton")
     atedm.set_phase(unet, "late")
     torch._dynamo.reset()
     explained = torch._dynamo.explain(unet)(**unet_inputs(batch=2))
