@@ -324,22 +324,22 @@ def ip_inputs(batch: int, seed: int) -> dict:
 
 
 @pytest.mark.parametrize("order", ["load_then_apply", "apply_then_load"])
-def test_ip_adapter_loads_and_unloads_on_a_patched_pipeline(order):
+def test_ip_adapter_loads_and_unloads_on_a_patched_pipeline(order, settings):
     seed = fresh_seed()
     pipe, reference = tiny_sdxl_pipeline(seed), tiny_sdxl_pipeline(seed)
     adapter = ip_adapter_state_dict(pipe.unet)
     inputs = ip_inputs(2, seed)
     reference.load_ip_adapter(copy.deepcopy(adapter), subfolder="", weight_name="", image_encoder_folder=None)
     unpruned = run_unet(reference.unet, inputs)
-    atedm.apply(reference, **SETTINGS)
+    atedm.apply(reference, **settings)
     pruned = run_unet(reference.unet, inputs)
 
     if order == "apply_then_load":
-        atedm.apply(pipe, **SETTINGS)
+        atedm.apply(pipe, **settings)
     # Before: TypeError (the loader rebuilds every processor as type(processor)(), and atedm's needs arguments).
     pipe.load_ip_adapter(copy.deepcopy(adapter), subfolder="", weight_name="", image_encoder_folder=None)
     if order == "load_then_apply":
-        atedm.apply(pipe, **SETTINGS)
+        atedm.apply(pipe, **settings)
     unet = pipe.unet
     assert any(isinstance(p, IPAdapterAttnProcessor2_0) for p in unet.attn_processors.values())
     assert_prunes_like(unet, inputs, pruned, unpruned)
