@@ -30,13 +30,8 @@ BLOCKS = 11  # pruning blocks of the tiny UNet under preset "c": one pruned pass
 ATOL_F32 = tol(torch.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (several times slower on a busy 2-core CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: intra-op threads only add contention on a busy 2-core CI (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generate(pipe, steps=3, **kwargs):

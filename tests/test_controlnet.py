@@ -43,13 +43,8 @@ RESIDUALS_BEFORE_ATTENTION = 4
 ATOL_F32 = tol(torch.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (several times slower on a busy 2-core CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: intra-op threads only add contention on a busy 2-core CI (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_controlnet(unet, seed: int) -> ControlNetModel:

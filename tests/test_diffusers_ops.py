@@ -33,13 +33,8 @@ ATOL_F32 = tol(torch.float32)
 CLIP_EMBED_DIM = 12  # the tiny IP-Adapter's image-embedding width
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention on a busy 2-core CI."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: intra-op threads only add contention on a busy 2-core CI (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=["first_self_attention", "first_layer"])

@@ -40,13 +40,8 @@ EDM_SCHEDULERS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (several times slower on a busy 2-core CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: intra-op threads only add contention on a busy 2-core CI (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def record_calls(unet, state) -> list[dict]:

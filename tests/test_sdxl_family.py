@@ -48,13 +48,8 @@ EXPECTED_DEPTHS = {
 DISTILLED = ["ssd-1b", "segmind-vega"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny or on the meta device: intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: intra-op threads only add contention on a busy 2-core CI (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def attention_depths(unet) -> dict[str, int]:
