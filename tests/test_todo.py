@@ -25,13 +25,8 @@ HIGHEST_LEVEL_PREFIXES = ("down_blocks.1.", "up_blocks.1.")
 HIGHEST_LEVEL_LAYERS = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention (several times slower on a busy 2-core CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: intra-op threads only add contention on a busy 2-core CI (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def todo_naive(attn: Attention, tokens: torch.Tensor, grid: tuple[int, int], factor: int, method: str) -> torch.Tensor:
