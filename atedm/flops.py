@@ -116,13 +116,14 @@ class _OverheadCounter:
         return _Section()
 
 
-def _count(unet: UNet2DConditionModel, inputs: dict, state) -> tuple[float, float]:
-    """(total FLOPs, AT-EDM's own FLOPs) of one pass."""
+def count_pass(model: torch.nn.Module, inputs: dict, state) -> tuple[float, float]:
+    """(total FLOPs, AT-EDM's own FLOPs) of one pass of ``model`` (a UNet, a ControlNet, any module) on
+    ``inputs``; ``state`` is the model's ``ATEDMState`` when patched, else None."""
     overhead = _OverheadCounter()
     if state is not None:
         state.overhead_scope = overhead
     with FlopCounterMode(display=False) as total, torch.no_grad():
-        unet(**inputs)
+        model(**inputs)
     return float(total.get_total_flops()), float(overhead.flops)
 
 
@@ -169,7 +170,7 @@ def flops_per_step_by_config(
                 built["unet"] = build_meta_unet(unet_config)
                 built["inputs"] = example_inputs(unet_config, 1, height, width)
             unet, inputs = built["unet"], built["inputs"]
-            _COUNTED_PASSES[key] = ({"full": _count(unet, inputs, None)} if config is None
+            _COUNTED_PASSES[key] = ({"full": count_pass(unet, inputs, None)} if config is None
                                     else _phase_counts(unet, inputs, config))
         return _COUNTED_PASSES[key]
 
@@ -196,7 +197,7 @@ def _phase_counts(unet, inputs: dict, config: ATEDMConfig) -> dict[str, tuple[fl
         per_phase = {}
         for phase in ("early", "late"):
             state.dsap.set_phase(phase)
-            per_phase[phase] = _count(unet, inputs, state)
+            per_phase[phase] = count_pass(unet, inputs, state)
     finally:
         remove(unet)
     return per_phase
@@ -221,7 +222,8 @@ def _report(full: float, per_phase: dict, num_inference_steps: int, config: ATED
     )
 
 
-def _pruned_report(unet, inputs: dict, full: float, config, num_inference_steps: int) -> FlopsReport:
-    """``flops_per_step``'s report of ``config`` on an already built model (a UNet or a ControlNet)."""
+def pruned_report(model, inputs: dict, full: float, config, num_inference_steps: int) -> FlopsReport:
+    """``flops_per_step``'s report of ``config`` on an already built model (a UNet or a ControlNet, e.g. on
+    the meta device) whose unpatched pass counted ``full`` FLOPs."""
     config = resolve_config(config, backend="torch")
-    return _report(full, _phase_counts(unet, inputs, config), num_inference_steps, config)
+    return _report(full, _phase_counts(model, inputs, config), num_inference_steps, config)

@@ -167,7 +167,7 @@ def _resolve_unet(pipe_or_unet) -> tuple[UNet2DConditionModel | ControlNetModel,
     )
 
 
-def _block_level(name: str, unet: UNet2DConditionModel | ControlNetModel) -> int:
+def block_level(name: str, unet: UNet2DConditionModel | ControlNetModel) -> int:
     """Resolution level of an attention block, 1 = full latent resolution (see ATEDMConfig.prune_levels)."""
     parts = name.split(".")
     if parts[0] == "down_blocks":
@@ -193,7 +193,7 @@ def _find_blocks(unet: UNet2DConditionModel, config: ATEDMConfig,
     min_depth = 1 if after_self_attention else 2
     for name, module in attention_blocks.items():
         depth = len(module.transformer_blocks)
-        level = _block_level(name, unet)
+        level = block_level(name, unet)
         if depth < min_depth or (config.prune_levels is not None and level not in config.prune_levels):
             continue
         if after_self_attention:

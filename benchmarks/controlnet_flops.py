@@ -27,9 +27,8 @@ import torch
 from diffusers import ControlNetModel
 
 from atedm.config import ATEDMConfig
-# _count and _pruned_report are atedm.flops's counted pass and its early/late average, which take any model and
-# its inputs: reused as they are, so the ControlNet is counted exactly as the UNet is.
-from atedm.flops import FlopsReport, _count, _pruned_report, build_meta_unet, example_inputs, flops_per_step_by_config
+# count_pass and pruned_report take any model and its inputs: the ControlNet is counted exactly as the UNet is.
+from atedm.flops import FlopsReport, build_meta_unet, count_pass, example_inputs, flops_per_step_by_config, pruned_report
 from atedm.presets import PRESETS
 from atedm.unets import default_unet_config
 from benchmarks.common import git_sha
@@ -64,9 +63,9 @@ def controlnet_flops_by_config(
     """
     controlnet = build_meta_controlnet(unet_config)
     inputs = controlnet_inputs(unet_config, height, width)
-    full, _ = _count(controlnet, inputs, None)
+    full, _ = count_pass(controlnet, inputs, None)
     return {
-        name: _pruned_report(controlnet, inputs, full, config, num_inference_steps)
+        name: pruned_report(controlnet, inputs, full, config, num_inference_steps)
         if config is not None
         else FlopsReport(full / 1e12, 0.0, full / 1e12, full / 1e12, full / 1e12, 0, num_inference_steps)
         for name, config in configs.items()

@@ -51,7 +51,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 # atedm's level rule (1 = full latent resolution), so ``levels`` here means what prune_levels means there.
-from atedm.patch import _block_level
+from atedm.patch import block_level
 
 METHODS = ("nearest", "avg_pool")
 _PATCH_ATTRIBUTE = "_todo_patch"
@@ -177,7 +177,7 @@ def self_attention_by_level(unet: UNet2DConditionModel) -> dict[int, dict[str, A
     by_level = {}
     for name, module in unet.named_modules():
         if name.endswith(".attn1") and isinstance(module, Attention):
-            by_level.setdefault(_block_level(name, unet), {})[name] = module
+            by_level.setdefault(block_level(name, unet), {})[name] = module
     return dict(sorted(by_level.items()))
 
 
@@ -255,13 +255,13 @@ def _meta_unet(unet_config_json: str) -> UNet2DConditionModel:
 def _count(unet_config_json: str, height: int, width: int, downsample_factor: int, method: str,
            levels: tuple[int, ...] | None) -> float:
     # atedm.flops's counted pass, reused as it is, so ToDo is counted exactly as the UNet and AT-EDM are.
-    from atedm.flops import _count as counted_pass
+    from atedm.flops import count_pass
     from atedm.flops import example_inputs
 
     unet = _meta_unet(unet_config_json)  # one meta UNet, patched and unpatched per count
     apply_todo(unet, downsample_factor, method, levels)
     try:
-        total, _ = counted_pass(unet, example_inputs(json.loads(unet_config_json), 1, height, width), None)
+        total, _ = count_pass(unet, example_inputs(json.loads(unet_config_json), 1, height, width), None)
     finally:
         remove_todo(unet)
     return total
