@@ -1,5 +1,7 @@
-"""Fidelity of AT-EDM on a small SDXL-shaped UNet trained on this CPU (learned, non-uniform attention).
+"""Fidelity of AT-EDM on small SDXL-shaped UNets trained on this CPU (learned, non-uniform attention).
 
-    python -m benchmarks.fidelity.train            # ~22 min CPU on one thread; writes benchmarks/fidelity/model/
-    python -m benchmarks.fidelity.bench_fidelity   # CSV + plot under benchmarks/results/fidelity/
+    python -m benchmarks.fidelity.train            # digits: ~22 min CPU on one thread; writes benchmarks/fidelity/model/
+    python -m benchmarks.fidelity.train --model scenes --steps 2000 --max-minutes 82 --resume
+                                                   # colour scenes: ~90 min; writes benchmarks/fidelity/scenes_model/
+    python -m benchmarks.fidelity.bench_fidelity [--model scenes]   # CSV + plot under benchmarks/results/
 """

@@ -1,11 +1,14 @@
-"""Fidelity of AT-EDM vs other token reducers at matched FLOPs, on the trained SDXL-shaped digit UNet.
+"""Fidelity of AT-EDM vs other token reducers at matched FLOPs, on a trained SDXL-shaped UNet.
 
-    python -m benchmarks.fidelity.bench_fidelity            # 100 images, DDIM 25 steps: ~1 h on one shared thread
+    python -m benchmarks.fidelity.bench_fidelity            # digits, 100 images, DDIM 25 steps: ~1 h on one shared thread
     python -m benchmarks.fidelity.bench_fidelity --quick    # 20 images, 10 steps, one budget: a smoke run
+    python -m benchmarks.fidelity.bench_fidelity --model scenes --attention-only   # the attention statistics alone
 
-Every configuration samples the same images: label i % 10 from the noise of seed 1000 + i, DDIM
-(eta 0) with classifier-free guidance 2 (the model was trained with 10% label dropout), CFG batched
-[uncond, cond] as in diffusers' SDXL pipeline. Compared at the same counted UNet FLOPs per step:
+``--model`` picks the trained model (``digits``: ``model/``, results in ``results/fidelity/``;
+``scenes``: ``scenes_model/``, results in ``results/fidelity_scenes/``). Every configuration samples
+the same images: label i % (number of labels) from the noise of seed 1000 + i, DDIM (eta 0) with
+classifier-free guidance 2 (the models were trained with 10% label dropout), CFG batched [uncond,
+cond] as in diffusers' SDXL pipeline. Compared at the same counted UNet FLOPs per step:
 
 * ``gwpr``: AT-EDM as published (G-WPR, K = 3, head-mean map, copy by attention, DSAP 10%);
 * ``column_sum``: the same with K = 1 (one step of the walk: the attention each token receives);
@@ -21,13 +24,14 @@ context tokens) and for tomesd with ``atedm.tome.count_tome_flops``, its matchin
 matmul) counted apart as AT-EDM's scoring work is. Plus ablations at prune ratio 0.63: G-WPR iterations
 K = 1, 2, 3, 5, DSAP fraction 0 / 0.1 / 0.2, and the recovery copy by key cosine instead of by
 attention (G-WPR and random ranking). And a look at the model itself: how peaked the
-first-layer self-attention of each pruning block is (normalised entropy of the head-mean map), and
-how much K = 1 and K = 3 agree on which tokens to keep, for the trained and a random-weight UNet.
+first-layer self-attention of each pruning block is (normalised entropy of the head-mean map and of
+each head's), and how much K = 1 and K = 3 agree on which tokens to keep, for the trained and a
+random-weight UNet.
 
 Scores per configuration: PSNR and MSE of each image against the unpruned image of the same seed,
 the classifier's accuracy on the intended label, and the Frechet distance of classifier features to
-the real digits. Writes ``benchmarks/results/fidelity/{fidelity.csv, attention.csv, summary.md,
-psnr_vs_flops.png, samples.png}``.
+real images (all digits; 1000 held-out scenes). Writes ``{fidelity.csv, attention.csv, summary.md,
+psnr_vs_flops.png, samples.png}`` (``--attention-only``: ``attention.csv`` and ``attention.md``).
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ import atedm
 from atedm.tome import TomeFlops, count_tome_flops, solve_ratio
 from benchmarks.common import RESULTS_DIR, environment_info, markdown_table, write_rows
 
-from .model import IMAGE_SIZE, MODEL_DIR, NUM_CLASSES, FidelityModel, load_digit_images, load_fidelity_model
+from .model import IMAGE_SIZE, MODELS, FidelityModel, load_fidelity_model, reference_images
 from .sampling import (classifier_accuracy, classifier_features, frechet_distance, mse_per_image, psnr_per_image,
-                       sample_digits)
+                       sample_images)
 
-OUT_DIR = RESULTS_DIR / "fidelity"
+OUT_DIRS = {"digits": RESULTS_DIR / "fidelity", "scenes": RESULTS_DIR / "fidelity_scenes"}
+ATTENTION_PROBES = 20
+ATTENTION_TIMESTEPS = (900, 500, 100)
 # flops_per_step assumes SDXL's 8x VAE: our 32x32 "latent" is its 256x256 image.
 FLOPS_IMAGE_SIZE = 8 * IMAGE_SIZE
 FIRST_SEED = 1000
@@ -164,28 +170,31 @@ def sample_run(model: FidelityModel, run: Run, labels: torch.Tensor, seeds: list
     elif run.tomesd_ratio is not None:
         tomesd.apply_patch(model.unet, **tomesd_kwargs(run.tomesd_ratio, run.tomesd_max_downsample))
     try:
-        return sample_digits(model, labels, seeds, args.steps, args.guidance, args.batch_size)
+        return sample_images(model, labels, seeds, args.steps, args.guidance, args.batch_size)
     finally:
         atedm.remove(model.unet)
         tomesd.remove_patch(model.unet)
 
 
 def attention_statistics(unet, model: FidelityModel, prune_ratio: float) -> list[dict]:
-    """Per pruning block, at three noise levels, from the first layer's self-attention (what AT-EDM reads):
+    """Per pruning block, at three noise levels, from the first layer's self-attention (what AT-EDM reads),
+    on ``ATTENTION_PROBES`` real images (digits: drawn from all; scenes: held out) noised to t:
 
     * how peaked the rows are: entropy / log N of the head-mean map and of each head's map (1 =
-      uniform), and the largest weight of a head-mean row times N (1 = uniform);
+      uniform; per head, the mean over heads and the sharpest head), and the largest weight of a
+      head-mean row times N (1 = uniform);
     * what G-WPR (K = 3) keeps at ``prune_ratio``: the overlap with K = 1's kept set, the share of the
-      score mass on the kept tokens (uniform scores: k / N), the share of kept tokens on the digit's
-      strokes (beside the strokes' share of all tokens), and the mean grid distance from a pruned token
-      to its nearest kept token, beside the same for a random keep set of the same size.
+      score mass on the kept tokens (uniform scores: k / N), the share of kept tokens on the foreground
+      (a digit's strokes, a scene's label object; beside the foreground's share of all tokens), and the
+      mean grid distance from a pruned token to its nearest kept token, beside the same for a random
+      keep set of the same size.
     """
     from diffusers import DDPMScheduler
 
-    images, labels = load_digit_images()
+    images, labels, foreground = reference_images(model.spec)
     generator = torch.Generator().manual_seed(0)
-    index = torch.randperm(len(images), generator=generator)[:20]
-    clean, labels = images[index], labels[index]
+    index = torch.randperm(len(images), generator=generator)[:ATTENTION_PROBES]
+    clean, labels, foreground = images[index], labels[index], foreground[index]
     noise = torch.randn(clean.shape, generator=generator)
     noising = DDPMScheduler.from_config(model.scheduler_config)
     first_layers = {name: module.transformer_blocks[0].attn1 for name, module in unet.named_modules()
@@ -195,12 +204,13 @@ def attention_statistics(unet, model: FidelityModel, prune_ratio: float) -> list
              for name, attn in first_layers.items()]
     rows = []
     try:
-        for timestep in (900, 500, 100):
+        for timestep in ATTENTION_TIMESTEPS:
             t = torch.full((len(clean),), timestep)
             with torch.no_grad():
                 unet(noising.add_noise(clean, noise, t), t, encoder_hidden_states=model.context(labels))
             for name, attn in first_layers.items():
-                statistics = _map_statistics(attn, captured[name], clean, prune_ratio, torch.Generator().manual_seed(1))
+                statistics = _map_statistics(attn, captured[name], foreground, prune_ratio,
+                                             torch.Generator().manual_seed(1))
                 rows.append({"block": name, "timestep": timestep, **statistics})
     finally:
         for hook in hooks:
@@ -208,7 +218,7 @@ def attention_statistics(unet, model: FidelityModel, prune_ratio: float) -> list
     return rows
 
 
-def _map_statistics(attn, hidden_states: torch.Tensor, clean: torch.Tensor, prune_ratio: float,
+def _map_statistics(attn, hidden_states: torch.Tensor, foreground: torch.Tensor, prune_ratio: float,
                     generator: torch.Generator) -> dict:
     batch, num_tokens, _ = hidden_states.shape
     side = math.isqrt(num_tokens)  # square latents here
@@ -218,8 +228,11 @@ def _map_statistics(attn, hidden_states: torch.Tensor, clean: torch.Tensor, prun
         head_maps = torch.softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1)  # (B, H, N, N)
     mean_map = head_maps.mean(1)
 
+    def row_entropies(maps):
+        return -(maps * maps.clamp_min(1e-30).log()).sum(-1) / math.log(num_tokens)
+
     def normalised_entropy(maps):
-        return (-(maps * maps.clamp_min(1e-30).log()).sum(-1) / math.log(num_tokens)).mean().item()
+        return row_entropies(maps).mean().item()
 
     num_kept = max(1, math.ceil((1 - prune_ratio) * num_tokens))
 
@@ -231,7 +244,9 @@ def _map_statistics(attn, hidden_states: torch.Tensor, clean: torch.Tensor, prun
         scores = torch.einsum("bij,bi->bj", mean_map, scores)  # s <- A^T s
         kept[iteration] = kept_mask(scores)
     randomly_kept = kept_mask(torch.rand(batch, num_tokens, generator=generator))
-    on_stroke = F.adaptive_avg_pool2d(clean, side).flatten(1) > 0.0  # brighter than mid-grey at this level
+    # A token is foreground where the map averaged over its pixels is above 0: a digit brighter than
+    # mid-grey, more than half of it on a scene's label object.
+    on_foreground = F.adaptive_avg_pool2d(foreground, side).mean(1).flatten(1) > 0.0
 
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     positions = torch.stack([rows.flatten(), cols.flatten()], 1).float()
@@ -245,12 +260,13 @@ def _map_statistics(attn, hidden_states: torch.Tensor, clean: torch.Tensor, prun
         "tokens": num_tokens,
         "row_entropy": normalised_entropy(mean_map),
         "head_row_entropy": normalised_entropy(head_maps),
+        "sharpest_head_row_entropy": row_entropies(head_maps).mean((0, 2)).min().item(),
         "row_max_x_tokens": (mean_map.amax(-1) * num_tokens).mean().item(),
         "k1_k3_kept_overlap": ((kept[1] & kept[3]).sum(1).float() / num_kept).mean().item(),
         "kept_score_share": scores.topk(num_kept).values.sum(1).mean().item(),
         "kept_share_if_uniform": num_kept / num_tokens,
-        "stroke_share": on_stroke.float().mean().item(),
-        "gwpr_kept_on_stroke": ((kept[3] & on_stroke).sum() / kept[3].sum()).item(),
+        "foreground_share": on_foreground.float().mean().item(),
+        "gwpr_kept_on_foreground": ((kept[3] & on_foreground).sum() / kept[3].sum()).item(),
         "gwpr_pruned_to_kept_distance": pruned_to_kept_distance(kept[3]),
         "random_pruned_to_kept_distance": pruned_to_kept_distance(randomly_kept),
     }
@@ -299,7 +315,7 @@ def score_runs(model, runs, samples, labels, real_features, counted) -> list[dic
     return rows
 
 
-def plot_psnr_vs_flops(rows: list[dict], path: Path) -> None:
+def plot_psnr_vs_flops(rows: list[dict], model_name: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,7 +331,7 @@ def plot_psnr_vs_flops(rows: list[dict], path: Path) -> None:
             axis.errorbar([100 * v for v in x], y, yerr=err, marker=marker, capsize=3, label=method)
     axis.set_xlabel("UNet FLOPs per step, % of unpruned")
     axis.set_ylabel("PSNR to the unpruned sample (dB)")
-    axis.set_title("Trained SDXL-shaped digit UNet, DDIM, same seeds")
+    axis.set_title(f"Trained SDXL-shaped {model_name} UNet, DDIM, same seeds")
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -323,18 +339,22 @@ def plot_psnr_vs_flops(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def plot_samples(samples: dict[str, torch.Tensor], names: list[str], path: Path) -> None:
-    """The first image of each digit, one row per configuration."""
+def plot_samples(samples: dict[str, torch.Tensor], names: list[str], num_classes: int, path: Path) -> None:
+    """The first image of each label, one row per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(len(names), NUM_CLASSES, figsize=(NUM_CLASSES * 0.7, len(names) * 0.75))
+    figure, axes = plt.subplots(len(names), num_classes, figsize=(num_classes * 0.7, len(names) * 0.75))
     for row, name in enumerate(names):
-        for digit in range(NUM_CLASSES):
-            axis = axes[row, digit]
-            axis.imshow(samples[name][digit, 0].numpy(), cmap="gray", vmin=-1, vmax=1)
+        for label in range(num_classes):
+            axis = axes[row, label]
+            image = samples[name][label]
+            if len(image) == 1:
+                axis.imshow(image[0].numpy(), cmap="gray", vmin=-1, vmax=1)
+            else:
+                axis.imshow(((image.permute(1, 2, 0) + 1.0) / 2.0).clamp(0.0, 1.0).numpy())
             axis.set_xticks([])
             axis.set_yticks([])
         axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
@@ -356,6 +376,41 @@ def average_by_level(attention_rows: list[dict]) -> list[dict]:
     return averaged
 
 
+ATTENTION_COLUMNS = ["model", "timestep", "tokens", "blocks", "row_entropy", "head_row_entropy",
+                     "sharpest_head_row_entropy", "row_max_x_tokens", "k1_k3_kept_overlap", "kept_score_share",
+                     "kept_share_if_uniform", "foreground_share", "gwpr_kept_on_foreground",
+                     "gwpr_pruned_to_kept_distance", "random_pruned_to_kept_distance"]
+
+
+def attention_tables(attention_rows: list[dict]) -> list[str]:
+    """The attention statistics averaged by level, then per block at t = 500 and 100 (trained model)."""
+    per_block_columns = ["block", "tokens"] + ATTENTION_COLUMNS[4:]
+    tables = [
+        f"First-layer self-attention of the pruning blocks, averaged over the blocks of a level "
+        f"({ATTENTION_PROBES} real images noised to t; per block in attention.csv):",
+        markdown_table(average_by_level(attention_rows), ATTENTION_COLUMNS),
+    ]
+    for timestep in (500, 100):
+        tables += [f"The same per block, trained model, t = {timestep}:",
+                   markdown_table([row for row in attention_rows
+                                   if row["model"] == "trained" and row["timestep"] == timestep], per_block_columns)]
+    return tables
+
+
+def measure_attention(model_dir: str, out_dir: Path) -> list[dict]:
+    """Attention statistics of the trained UNet and of a random-weight one of the same config, to attention.csv."""
+    model = load_fidelity_model(model_dir)  # a fresh copy: nothing of a run's patches can leak in
+    torch.manual_seed(0)
+    random_weights = type(model.unet).from_config(dict(model.unet.config)).eval()
+    attention_rows = [{"model": "trained", **row} for row in attention_statistics(model.unet, model, ABLATION_RATIO)]
+    attention_rows += [{"model": "random init", **row}
+                       for row in attention_statistics(random_weights, model, ABLATION_RATIO)]
+    attention_path = out_dir / "attention.csv"
+    attention_path.unlink(missing_ok=True)
+    write_rows(attention_path, attention_rows)
+    return attention_rows
+
+
 def write_summary(rows, attention_rows, header: str, path: Path) -> None:
     budget = [r for r in rows if r["group"] in ("reference", "budget")]
     ablation = [r for r in rows if r["group"] in ("iterations", "dsap", "recovery")
@@ -364,46 +419,57 @@ def write_summary(rows, attention_rows, header: str, path: Path) -> None:
                "psnr_gain_vs_random_db", "wins_vs_random", "accuracy", "frechet_distance"]
     ablation_columns = ["run", "gwpr_iterations", "dsap_fraction", "similarity", "flops_vs_full", "psnr_db",
                         "psnr_sem_db", "psnr_gain_vs_random_db", "accuracy", "frechet_distance"]
-    attention_columns = ["model", "timestep", "tokens", "blocks", "row_entropy", "head_row_entropy",
-                         "row_max_x_tokens", "k1_k3_kept_overlap", "kept_score_share", "kept_share_if_uniform",
-                         "stroke_share", "gwpr_kept_on_stroke", "gwpr_pruned_to_kept_distance",
-                         "random_pruned_to_kept_distance"]
     text = "\n\n".join([
         header,
         markdown_table(budget, columns),
         "Ablations at prune ratio 0.63 (gain vs random: random ranking with the same recovery):",
         markdown_table(ablation, ablation_columns),
-        "First-layer self-attention of the pruning blocks, averaged over the blocks of a level (20 real digits "
-        "noised to t; per block in attention.csv):",
-        markdown_table(average_by_level(attention_rows), attention_columns),
-        "The same per block, trained model, t = 500:",
-        markdown_table([row for row in attention_rows if row["model"] == "trained" and row["timestep"] == 500],
-                       ["block"] + attention_columns[2:3] + attention_columns[4:]),
+        *attention_tables(attention_rows),
     ])
     path.write_text(text + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-images", type=int, default=100, help="a multiple of 10 (equal images per digit)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="digits", help="which trained model")
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="a multiple of the number of labels (default: 10 per label)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     parser.add_argument("--budgets", default="0.4,0.63,0.9", help="AT-EDM prune ratios that set the FLOPs budgets")
     parser.add_argument("--batch-size", type=int, default=100, help="images per UNet call (x2 for CFG)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     parser.add_argument("--quick", action="store_true", help="20 images, 10 steps, one budget, no ablations")
-    parser.add_argument("--out-dir", default=str(OUT_DIR))
-    parser.add_argument("--model-dir", default=str(MODEL_DIR), help="what benchmarks.fidelity.train wrote")
+    parser.add_argument("--attention-only", action="store_true", help="only the attention statistics")
+    parser.add_argument("--out-dir", default=None, help="default: results/fidelity/ (digits), results/fidelity_scenes/")
+    parser.add_argument("--model-dir", default=None, help="what benchmarks.fidelity.train wrote (default: the model's)")
     args = parser.parse_args()
+    spec = MODELS[args.model]
+    model_dir = args.model_dir or str(spec.directory)
+    num_classes = spec.num_classes
+    if args.num_images is None:
+        args.num_images = 10 * num_classes
     if args.quick:
         args.num_images, args.steps, args.budgets = 20, 10, "0.63"
     torch.set_num_threads(args.threads)
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir or OUT_DIRS[spec.name])
     out_dir.mkdir(parents=True, exist_ok=True)
+    environment = environment_info("cpu") | {"diffusers": diffusers.__version__, "tomesd": metadata.version("tomesd")}
+    machine = (f"{environment['device']}, python {platform.python_version()}, torch {torch.__version__}, "
+               f"diffusers {diffusers.__version__}, git {environment['git_sha']}")
 
-    model = load_fidelity_model(args.model_dir)
+    if args.attention_only:
+        model = load_fidelity_model(model_dir)
+        header = (f"{spec.name} model ({model_dir}, {model.record.get('steps_done', model.record['settings']['steps'])}"
+                  f" training steps); {machine}.")
+        (out_dir / "attention.md").write_text("\n\n".join([header, *attention_tables(
+            measure_attention(model_dir, out_dir))]) + "\n")
+        print((out_dir / "attention.md").read_text())
+        return
+
+    model = load_fidelity_model(model_dir)
     unet_config = dict(model.unet.config)
-    labels = torch.arange(args.num_images) % NUM_CLASSES
+    labels = torch.arange(args.num_images) % num_classes
     seeds = [FIRST_SEED + i for i in range(args.num_images)]
     budgets = [float(value) for value in args.budgets.split(",")]
 
@@ -415,35 +481,25 @@ def main() -> None:
         print(f"  {run.name:<24} {100 * counted[run.name]['flops_vs_full']:5.1f}% FLOPs  "
               f"{time.perf_counter() - start:7.0f} s", flush=True)
     other_seeds = [seed + OTHER_SEEDS_OFFSET for seed in seeds]
-    floor_images = sample_digits(model, labels, other_seeds, args.steps, args.guidance, args.batch_size)
+    floor_images = sample_images(model, labels, other_seeds, args.steps, args.guidance, args.batch_size)
     floor_psnr = psnr_per_image(floor_images, samples["unpruned"]).mean().item()
 
-    real_images, _ = load_digit_images()
+    real_images, _, _ = reference_images(spec)
     rows = score_runs(model, runs, samples, labels, classifier_features(model, real_images), counted)
-    environment = environment_info("cpu") | {"diffusers": diffusers.__version__, "tomesd": metadata.version("tomesd")}
-    setting = {"num_images": args.num_images, "ddim_steps": args.steps, "guidance": args.guidance,
-               "threads": args.threads, "trained_steps": model.record["settings"]["steps"]}
+    setting = {"model": spec.name, "num_images": args.num_images, "ddim_steps": args.steps,
+               "guidance": args.guidance, "threads": args.threads, "trained_steps": model.record["settings"]["steps"]}
     csv_path = out_dir / "fidelity.csv"
     csv_path.unlink(missing_ok=True)  # one run's results per file: the summary and plot describe it
     write_rows(csv_path, [row | setting | environment for row in rows])
+    attention_rows = measure_attention(model_dir, out_dir)
 
-    trained = load_fidelity_model(args.model_dir).unet  # a fresh copy: nothing of the runs' patches can leak in
-    torch.manual_seed(0)
-    random_weights = type(trained).from_config(unet_config).eval()
-    attention_rows = [{"model": "trained", **row} for row in attention_statistics(trained, model, ABLATION_RATIO)]
-    attention_rows += [{"model": "random init", **row}
-                       for row in attention_statistics(random_weights, model, ABLATION_RATIO)]
-    attention_path = out_dir / "attention.csv"
-    attention_path.unlink(missing_ok=True)
-    write_rows(attention_path, attention_rows)
-
-    plot_psnr_vs_flops(rows, out_dir / "psnr_vs_flops.png")
+    plot_psnr_vs_flops(rows, spec.name, out_dir / "psnr_vs_flops.png")
     top = max(budgets)
     plot_samples(samples, [name for name in ["unpruned", f"gwpr@{top}", f"column_sum@{top}", f"random@{top}",
-                                             f"tomesd@{top}"] if name in samples], out_dir / "samples.png")
-    header = (f"{args.num_images} images, DDIM {args.steps} steps, CFG {args.guidance}; {environment['device']}, "
-              f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-              f"git {environment['git_sha']}; sampling took {time.perf_counter() - start:.0f} s. PSNR of unrelated "
+                                             f"tomesd@{top}"] if name in samples],
+                 min(num_classes, args.num_images), out_dir / "samples.png")
+    header = (f"{spec.name} model, {args.num_images} images, DDIM {args.steps} steps, CFG {args.guidance}; "
+              f"{machine}; sampling took {time.perf_counter() - start:.0f} s. PSNR of unrelated "
               f"samples (unpruned, other seeds, same labels): {floor_psnr:.2f} dB.")
     write_summary(rows, attention_rows, header, out_dir / "summary.md")
     print((out_dir / "summary.md").read_text())

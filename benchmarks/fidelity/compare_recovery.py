@@ -15,7 +15,7 @@ import torch
 
 import atedm
 from benchmarks.fidelity.model import load_fidelity_model
-from benchmarks.fidelity.sampling import psnr_per_image, sample_digits
+from benchmarks.fidelity.sampling import psnr_per_image, sample_images
 
 CONFIGS = {
     "gwpr, copy by attention (published)": dict(),
@@ -43,7 +43,7 @@ def main() -> None:
     base = atedm.ATEDMConfig(prune_ratio=args.prune_ratio, backend="torch")
     print(f"| config | " + " | ".join(f"PSNR dB, seeds {s}+" for s in seed_sets) + " |")
     print("|---|" + "---|" * len(seed_sets))
-    references = {s: sample_digits(model, labels, [s + d for d in range(10)], args.num_steps, args.guidance, 10)
+    references = {s: sample_images(model, labels, [s + d for d in range(10)], args.num_steps, args.guidance, 10)
                   for s in seed_sets}
     for name, overrides in CONFIGS.items():
         values = []
@@ -51,7 +51,7 @@ def main() -> None:
             torch.manual_seed(0)  # the random ranking's draws
             atedm.apply(model.unet, base.replace(**overrides))
             try:
-                samples = sample_digits(model, labels, [seed_set + d for d in range(10)], args.num_steps,
+                samples = sample_images(model, labels, [seed_set + d for d in range(10)], args.num_steps,
                                         args.guidance, 10)
             finally:
                 atedm.remove(model.unet)
