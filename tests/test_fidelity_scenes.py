@@ -19,13 +19,8 @@ from benchmarks.fidelity.train import (DenoiserTraining, build_parser, restore_t
 SEEDS = list(range(100, 164))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small matmuls on a busy machine: one thread is faster, and makes the loss sequence reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: small matmuls on a busy machine run faster, and the loss sequence is reproducible (conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_scene_is_a_function_of_its_seed_alone():
