@@ -36,14 +36,11 @@ from atedm_kernels import (
     attention_with_map,
     compose_sources,
     gather_tokens,
-    gather_tokens_ref,
     num_kept_tokens,
     one_pass_map_applies,
     plan_token_pruning,
     scatter_recover,
     scatter_recover_delta,
-    scatter_recover_delta_ref,
-    scatter_recover_ref,
 )
 
 from .compat import check_diffusers_version
@@ -261,9 +258,15 @@ def _check_input_devices(unet: UNet2DConditionModel, args: tuple, kwargs: dict) 
         raise ValueError(f"AT-EDM: the UNet's inputs and weights must be on one device; got {listing}")
 
 
-def needs_gradients(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records this call (training): then the hooks use differentiable PyTorch ops."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def needs_gradients(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records this call (training through pruning)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _stream_backend(backend: str, *tensors: torch.Tensor | None) -> str:
+    """The backend of an op on the token stream (gather, recovery): its PyTorch path while autograd records,
+    since the Triton kernels have no backward and the PyTorch ops do."""
+    return "torch" if needs_gradients(*tensors) else backend
 
 
 class _ReplayingCheckpoint:
@@ -367,7 +370,7 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> None:
                 if len(block.keep) <= position:
                     raise RuntimeError(f"AT-EDM's processor did not run in {block.name}; was attn1's processor replaced?")
                 with state.overhead_scope():
-                    kept = _gather(output, block.keep[position], backend)
+                    kept = gather_tokens(output, block.keep[position], backend=_stream_backend(backend, output))
                 if state.config.recovery == "delta":
                     block.cut_state, block.cut_kept = output, kept
                 return kept
@@ -379,15 +382,11 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> None:
                 return None
             with state.overhead_scope():
                 src = compose_sources(block.src)  # every_layer: full grid -> ... -> the last layer's kept rows
+                op_backend = _stream_backend(backend, output, block.cut_state, block.cut_kept)
                 if state.config.recovery == "delta":
-                    if needs_gradients(output, block.cut_state, block.cut_kept):
-                        full = scatter_recover_delta_ref(output, block.cut_state, block.cut_kept, src)
-                    else:
-                        full = scatter_recover_delta(output, block.cut_state, block.cut_kept, src, backend=backend)
-                elif needs_gradients(output):
-                    full = scatter_recover_ref(output, src)
+                    full = scatter_recover_delta(output, block.cut_state, block.cut_kept, src, backend=op_backend)
                 else:
-                    full = scatter_recover(output, src, backend=backend)
+                    full = scatter_recover(output, src, backend=op_backend)
             block.pruned_calls += 1
             block.kept_tokens = tuple(keep.shape[1] for keep in block.keep)
             return full
@@ -399,10 +398,6 @@ def _install(unet: UNet2DConditionModel, state: ATEDMState) -> None:
     # copied by reference and would still drive this model's state).
     unet.__deepcopy__ = lambda memo: _deepcopy_patched(unet, memo)
     undo.append(lambda: unet.__dict__.pop("__deepcopy__", None))
-
-
-def _gather(x: torch.Tensor, keep: torch.Tensor, backend: str) -> torch.Tensor:
-    return gather_tokens_ref(x, keep) if needs_gradients(x) else gather_tokens(x, keep, backend=backend)
 
 
 def _deepcopy_patched(model, memo: dict):
@@ -453,7 +448,7 @@ def _cut_after_self_attention_hook(state: ATEDMState, block: BlockState):
             raise RuntimeError(f"AT-EDM's processor did not run in {block.name}; was attn1's processor replaced?")
         summed = attention_output + hidden
         with state.overhead_scope():
-            kept = _gather(summed, block.keep[0], state.config.backend)
+            kept = gather_tokens(summed, block.keep[0], backend=_stream_backend(state.config.backend, summed))
         if state.config.recovery == "delta":
             block.cut_state, block.cut_kept = summed, kept
         block.self_attention_done = True
