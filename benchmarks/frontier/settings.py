@@ -143,8 +143,18 @@ def apply_setting(unet, setting: Setting, scheduler=None, backend: str = "auto")
             # The helper only reads pipe.unet and pipe.scheduler.timesteps (to index the step).
             helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=unet, scheduler=scheduler))
             helper.set_params(cache_interval=setting.deepcache_interval, cache_branch_id=0)
+            had_forward = {module for module in unet.modules() if "forward" in module.__dict__}
             helper.enable()
-            undo.append(helper.disable)
+
+            def disable_deepcache() -> None:
+                helper.disable()
+                # disable() puts the original bound methods back as instance attributes; a bound method
+                # held by the instance would survive a deepcopy pointing at the old module, so drop them.
+                for module in unet.modules():
+                    if module not in had_forward:
+                        module.__dict__.pop("forward", None)
+
+            undo.append(disable_deepcache)
     except Exception:
         remove()
         raise
