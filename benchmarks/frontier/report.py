@@ -198,10 +198,11 @@ def main() -> None:
         paths.update((model, Path(path)) for model, path in (part.split("=", 1) for part in args.fidelity.split(",")))
     models = {model: fidelity(path) for model, path in paths.items()}
     machine = f"CPU, {context['height']} px {context['dtype']}, CFG batch 2"
+    speed_model = {"sdxl-base": "SDXL-base", "tiny": "the tiny test UNet"}[context["model"]]
     for model, scores in models.items():
-        print(f"wrote {plot(model, speed, scores, out, machine, context['model'])}")
+        print(f"wrote {plot(model, speed, scores, out, machine, speed_model)}")
     text = ["# The quality-speed frontier", "",
-            f"Speed: {context['model']} on the CPU ({context['device']}, {context['threads']} torch threads), "
+            f"Speed: {speed_model} on the CPU ({context['device']}, {context['threads']} torch threads), "
             f"{context['height']}x{context['width']}, {context['dtype']}, CFG batch 2, {context['steps']} steps, "
             f"git {context['git_sha']}. Fidelity: "
             + "; ".join(f"{model} model, {int(next(iter(scores.values()))['images'])} images, DDIM "
