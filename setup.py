@@ -25,8 +25,8 @@ setup(
         "pipeline": ["transformers>=4.40", "accelerate"],
         # The COCO FID/CLIP harness's default feature extractors (both pull torchvision).
         "eval": ["clean-fid", "open_clip_torch", "scipy", "matplotlib", "tomesd"],
-        # The fidelity benchmark on the small trained UNet, and the ToMe baseline.
-        "fidelity": ["scikit-learn", "tomesd", "matplotlib"],
+        # The fidelity benchmarks on the small trained UNets and the frontier's peer methods (ToMe, DeepCache).
+        "fidelity": ["scikit-learn", "scipy", "tomesd", "matplotlib", "DeepCache"],
         # accelerate, peft and DeepCache: the composition tests (cpu offload, LoRA, DeepCache + AT-EDM).
         "dev": ["pytest>=8", "hypothesis", "transformers>=4.40", "scipy", "scikit-learn", "tomesd", "matplotlib",
                 "accelerate", "peft", "DeepCache"],

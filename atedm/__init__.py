@@ -9,11 +9,13 @@
 from .config import ATEDMConfig
 from .flops import FlopsReport, flops_per_step
 from .patch import apply, get_state, remove, set_phase, set_timesteps
-from .presets import PRESETS, get_preset
+from .presets import BEYOND_PAPER_PRESETS, PAPER_PRESETS, PRESETS, get_preset
 
 __all__ = [
     "ATEDMConfig",
+    "BEYOND_PAPER_PRESETS",
     "FlopsReport",
+    "PAPER_PRESETS",
     "PRESETS",
     "apply",
     "flops_per_step",

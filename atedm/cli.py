@@ -17,7 +17,7 @@ import torch
 from .doctor import run_doctor
 from .flops import example_inputs, flops_per_step_by_config
 from .patch import apply, remove
-from .presets import PRESET_BUDGETS_TFLOPS, PRESETS, get_preset
+from .presets import PAPER_PRESETS, PRESET_BUDGETS_TFLOPS, PRESETS, get_preset
 from .timing import dsap_phases, schedule_average, time_interleaved, unet_step_timer
 from .unets import (
     UNET_LAYOUTS,
@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     bench = sub.add_parser("bench", help="time full vs AT-EDM UNet steps (default command)")
-    bench.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names")
+    bench.add_argument("--presets", default=",".join(PAPER_PRESETS),
+                       help="comma-separated preset names (default: the paper's)")
     bench.add_argument("--height", type=int, default=512)
     bench.add_argument("--width", type=int, default=512)
     bench.add_argument("--batch", type=int, default=2, help="2 = one image with classifier-free guidance")

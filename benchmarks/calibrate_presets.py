@@ -12,7 +12,7 @@ import argparse
 import json
 
 import atedm
-from atedm.presets import PRESET_BUDGETS_TFLOPS, PRESETS
+from atedm.presets import PAPER_PRESETS, PRESET_BUDGETS_TFLOPS
 from atedm.unets import default_unet_config
 
 
@@ -29,11 +29,11 @@ def solve_ratio(unet_config: dict, base: atedm.ATEDMConfig, budget: float, steps
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--unet-config", help="UNet config JSON (default: the SDXL-base config atedm ships)")
-    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--presets", default=",".join(PAPER_PRESETS))
     args = parser.parse_args()
     unet_config = json.load(open(args.unet_config)) if args.unet_config else default_unet_config()
     for name in args.presets.split(","):
-        ratio, tflops = solve_ratio(unet_config, PRESETS[name], PRESET_BUDGETS_TFLOPS[name])
+        ratio, tflops = solve_ratio(unet_config, PAPER_PRESETS[name], PRESET_BUDGETS_TFLOPS[name])
         print(f"{name}: prune_ratio={ratio}  ->  {tflops:.3f} TFLOPs/step (budget {PRESET_BUDGETS_TFLOPS[name]})")
 
 

@@ -20,7 +20,7 @@ from diffusers import (
 )
 
 import atedm
-from atedm.presets import PRESETS
+from atedm.presets import PAPER_PRESETS
 from atedm.unets import TINY_TEXT_EMBED_DIM, TINY_TIME_EMBED_DIM, default_unet_config
 from conftest import fresh_seed
 from tiny_models import run_unet, tiny_sdxl_pipeline, tiny_sdxl_unet, unet_inputs
@@ -130,12 +130,12 @@ def preset_flops():
 
     sdxl = default_unet_config()
     return {(name, steps): flops.flops_per_step(sdxl, name, num_inference_steps=steps)
-            for name in PRESETS for steps in FEW_STEPS}
+            for name in PAPER_PRESETS for steps in FEW_STEPS}
 
 
 @pytest.mark.parametrize("steps", FEW_STEPS)
 def test_presets_save_flops_and_keep_their_order_at_few_steps(preset_flops, steps):
-    reports = {name: preset_flops[name, steps] for name in PRESETS}
+    reports = {name: preset_flops[name, steps] for name in PAPER_PRESETS}
     for name, report in reports.items():
         assert report.early_steps == 1, name  # the first step, in full at the DSAP blocks
         assert report.unet_tflops < report.full_tflops, name
