@@ -15,7 +15,7 @@ steps) and solves for the prune ratio that lands on the budget with ``atedm.flop
 | dagger | 4.5, no level-2 pruning | (the paper's AT-EDM-dagger) |
 
 Beyond the paper (``BEYOND_PAPER_PRESETS``), named apart so that a to d and dagger stay the published method.
-Each keeps its paper preset's ratio, levels and G-WPR ranking (so its FLOPs and, as measured, its speed)
+Each keeps its paper preset's ratio, levels and G-WPR ranking (so its UNet FLOPs and, as measured, its speed)
 and changes only the refill: a pruned token keeps its own state from the cut and adds the change of its
 most key-similar kept token (``recovery="delta"``, ``similarity="key_cosine"``), instead of taking the
 output of its most-attended kept token. On both trained fidelity models they stay closer to the unpruned
