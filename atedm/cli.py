@@ -120,13 +120,14 @@ def run_flops(args) -> None:
     full = counted["full"]
     print(f"{unet_name} UNet: counted FLOPs per image per UNet pass, {args.height}x{args.width}, "
           f"averaged over {args.steps} steps")
-    print(f"{'config':<8} {'UNet TFLOPs':>12} {'budget':>7} {'AT-EDM own':>11} {'saved':>7}")
-    print(f"{'full':<8} {full.unet_tflops:>12.3f} {SDXL_BASE_FULL_TFLOPS if sdxl_base else '-':>7} {'':>11} {'':>7}")
+    width = max(len("config"), *(len(name) for name in PRESETS))
+    print(f"{'config':<{width}} {'UNet TFLOPs':>12} {'budget':>7} {'AT-EDM own':>11} {'saved':>7}")
+    print(f"{'full':<{width}} {full.unet_tflops:>12.3f} {SDXL_BASE_FULL_TFLOPS if sdxl_base else '-':>7} {'':>11} {'':>7}")
     for name in PRESETS:
         report = counted[name]
         saved = 1 - report.unet_tflops / full.unet_tflops
         budget = PRESET_BUDGETS_TFLOPS[name] if sdxl_base else "-"
-        print(f"{name:<8} {report.unet_tflops:>12.3f} {budget:>7} {report.overhead_tflops:>11.3f} {saved:>6.1%}")
+        print(f"{name:<{width}} {report.unet_tflops:>12.3f} {budget:>7} {report.overhead_tflops:>11.3f} {saved:>6.1%}")
 
 
 def run_generate(args) -> None:
