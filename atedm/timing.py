@@ -60,12 +60,16 @@ def time_interleaved(
     repeats: int,
     phases: Callable[[Config], tuple] = lambda config: (None,),
     report: Callable[[int, Config, str | None, float], None] | None = None,
+    warm_up: Sequence[Config] | None = None,
 ) -> list[dict]:
     """Per config, in order, ``{phase: [its times in rounds 1..repeats]}``. Each round configures each
-    config once, then measures each of its ``phases``; ``report`` sees every time, round 0's too."""
+    config once, then measures each of its ``phases``; ``report`` sees every time, round 0's too.
+    ``warm_up``: the configs round 0 runs (default: all), for runs too long to warm every config up."""
     times = [{phase: [] for phase in phases(config)} for config in configs]
     for round_index in range(repeats + 1):
         for config, config_times in zip(configs, times):
+            if round_index == 0 and warm_up is not None and config not in warm_up:
+                continue
             configure(config)
             for phase in phases(config):
                 elapsed = measure(config, phase)

@@ -42,7 +42,14 @@ def generate(unet, row: Row, inputs: dict, steps: int, guidance: float, device) 
     """Seconds for one generation of ``steps`` denoising steps."""
     scheduler = sdxl_scheduler()
     scheduler.set_timesteps(steps, device=device)
-    if row.kind == "atedm":
+    return denoise_seconds(unet, inputs, scheduler, guidance, device)
+
+
+def denoise_seconds(unet, inputs: dict, scheduler, guidance: float, device) -> float:
+    """Seconds for the denoising loop over ``scheduler``'s timesteps (``set_timesteps`` done), CFG batched.
+    An AT-EDM patch on ``unet`` follows this schedule. The timestep goes positionally as a 0-d tensor
+    (``call_unet``), which DeepCache's helper reads to index the step."""
+    if atedm.get_state(unet) is not None:
         atedm.set_timesteps(unet, scheduler.timesteps)
         atedm.set_phase(unet, None)
     half = inputs["sample"][: inputs["sample"].shape[0] // 2]

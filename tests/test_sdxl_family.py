@@ -151,6 +151,17 @@ def test_flops_command_prints_the_counts_of_a_shipped_layout(counted, capsys, mo
         assert rows[name][2] == "-"  # the paper's budgets are SDXL-base's
 
 
+def test_flops_command_columns_line_up_under_a_long_preset_name(counted, capsys, monkeypatch):
+    # The same config under a name longer than the header's "config": counted once (the count is memoised).
+    monkeypatch.setattr("atedm.cli.PRESETS", {"c": PRESETS["c"], "a_long_preset_name": PRESETS["c"]})
+    main(["flops", "--unet-config", "segmind-vega"])
+    header, *rows = capsys.readouterr().out.splitlines()[1:]
+    column_end = header.index("UNet TFLOPs") + len("UNet TFLOPs")
+    for row in rows:
+        number = f"{counted['segmind-vega']['c' if row.split()[0] != 'full' else 'full'].unet_tflops:.3f}"
+        assert row.index(number) + len(number) == column_end, row
+
+
 def test_flops_command_refuses_an_unknown_layout(capsys):
     with pytest.raises(SystemExit, match="known layouts: sdxl-base"):
         main(["flops", "--unet-config", "vega"])

@@ -42,3 +42,13 @@ def test_schedule_average_weighs_the_phases_like_the_flops(early_steps, steps):
     assert schedule_average(both, early_steps, steps, pick=min) == (early_steps * min(early) + (steps - early_steps) * min(late)) / steps
     assert schedule_average({"late": late}, 0, steps) == statistics.median(late)
     assert schedule_average({None: early}, 0, steps, pick=max) == max(early)
+
+
+def test_warm_up_runs_only_the_configs_it_names_then_every_round_runs_all():
+    configs = ["full", "c", "dagger", "d"]
+    rng = random.Random(11)
+    warm = rng.sample(configs, 2)
+    configured = []
+    times = time_interleaved(configs, configured.append, lambda config, phase: rng.random(), 2, warm_up=warm)
+    assert configured == [config for config in configs if config in warm] + configs + configs
+    assert all(len(samples) == 2 for config_times in times for samples in config_times.values())

@@ -107,10 +107,6 @@ def select(names: str | None) -> list[Setting]:
     return [setting for setting in all_settings() if setting.name in wanted or setting.family in wanted]
 
 
-def tomesd_kwargs(ratio: float) -> dict:
-    return dict(ratio=ratio, max_downsample=2, merge_attn=True, merge_crossattn=True, merge_mlp=True)
-
-
 def apply_setting(unet, setting: Setting, scheduler=None, backend: str = "auto") -> Callable[[], None]:
     """Install ``setting`` on ``unet``; returns the function that takes it off again. ``scheduler``
     (needed by DeepCache settings) is the scheduler whose ``timesteps`` the UNet will be called with."""
@@ -128,7 +124,9 @@ def apply_setting(unet, setting: Setting, scheduler=None, backend: str = "auto")
         if setting.tome_ratio is not None:
             import tomesd
 
-            tomesd.apply_patch(unet, **tomesd_kwargs(setting.tome_ratio))
+            from benchmarks.fidelity.bench_fidelity import tomesd_kwargs
+
+            tomesd.apply_patch(unet, **tomesd_kwargs(setting.tome_ratio, max_downsample=2))
             undo.append(lambda: tomesd.remove_patch(unet))
         if setting.todo_factor is not None:
             from benchmarks.todo import apply_todo, remove_todo

@@ -24,16 +24,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-import atedm
 from atedm.flops import example_inputs
-from atedm.timing import call_unet, dsap_phases, schedule_average
+from atedm.timing import dsap_phases, schedule_average, time_interleaved, unet_step_timer
 from atedm.unets import build_random_unet, default_unet_config, step_dtype, tiny_unet_config
-from benchmarks.bench_generation import sdxl_scheduler
+from benchmarks.bench_generation import denoise_seconds, sdxl_scheduler
 from benchmarks.common import RESULTS_DIR, environment_info, git_sha, markdown_table, write_rows
 
 from .settings import Setting, apply_setting, select
@@ -46,35 +44,13 @@ def early_steps_of(setting: Setting, steps: int) -> int:
     return config.early_steps(steps) if config is not None and config.dsap_fraction > 0 else 0
 
 
-def time_step(unet, setting: Setting, inputs: dict, phase: str | None) -> float:
-    """ms of one UNet call of ``setting`` (already applied) in ``phase``."""
-    if phase is not None:
-        atedm.set_phase(unet, phase)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        call_unet(unet, inputs)
-    return (time.perf_counter() - start) * 1e3
-
-
 def time_generation(unet, setting: Setting, inputs: dict, steps: int) -> float:
     """Seconds of one whole generation of ``steps`` steps with ``setting`` applied for its duration."""
     scheduler = sdxl_scheduler()
     scheduler.set_timesteps(steps)
     remove = apply_setting(unet, setting, scheduler)
     try:
-        if atedm.get_state(unet) is not None:
-            atedm.set_timesteps(unet, scheduler.timesteps)
-            atedm.set_phase(unet, None)
-        latents = inputs["sample"][: inputs["sample"].shape[0] // 2] * scheduler.init_noise_sigma
-        rest = {key: value for key, value in inputs.items() if key not in ("sample", "timestep")}
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for t in scheduler.timesteps:
-                model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                # Positional timestep, a 0-d tensor: DeepCache's helper reads args[1].item().
-                uncond, cond = unet(model_input, t, **rest).sample.chunk(2)
-                latents = scheduler.step(uncond + GUIDANCE * (cond - uncond), t, latents).prev_sample
-        return time.perf_counter() - start
+        return denoise_seconds(unet, inputs, scheduler, GUIDANCE, "cpu")
     finally:
         remove()
 
@@ -94,20 +70,26 @@ def warm_up_set(settings: list[Setting]) -> list[Setting]:
 
 def measure_steps(unet, settings: list[Setting], inputs: dict, steps: int, repeats: int, log) -> list[dict]:
     """Per-step timings, interleaved: a warm-up round (``warm_up_set``), then ``repeats`` rounds of all."""
-    times = {setting.name: {phase: [] for phase in dsap_phases(early_steps_of(setting, steps))}
-             for setting in settings}
-    for round_index in range(repeats + 1):
-        for setting in settings if round_index else warm_up_set(settings):
-            remove = apply_setting(unet, setting)
-            try:
-                for phase in times[setting.name]:
-                    elapsed = time_step(unet, setting, inputs, phase if setting.atedm_preset else None)
-                    log({"measure": "step", "setting": setting.name, "phase": phase, "round": round_index,
-                         "ms": elapsed})
-                    if round_index:
-                        times[setting.name][phase].append(elapsed)
-            finally:
-                remove()
+    applied = []  # the function that takes the current setting off
+
+    def configure(setting: Setting) -> None:
+        while applied:
+            applied.pop()()
+        applied.append(apply_setting(unet, setting))
+
+    def phases(setting: Setting) -> tuple:
+        return dsap_phases(early_steps_of(setting, steps)) if setting.atedm_preset else (None,)
+
+    def report(round_index: int, setting: Setting, phase: str | None, elapsed: float) -> None:
+        log({"measure": "step", "setting": setting.name, "phase": phase, "round": round_index, "ms": elapsed})
+
+    try:
+        timed = time_interleaved(settings, configure, unet_step_timer(unet, inputs, "cpu"), repeats, phases, report,
+                                 warm_up=warm_up_set(settings))
+    finally:
+        while applied:
+            applied.pop()()
+    times = {setting.name: setting_times for setting, setting_times in zip(settings, timed)}
     full_ms = schedule_average(times["full"], 0, steps)
     rows = []
     for setting in settings:
